@@ -1,0 +1,1 @@
+"""The gRPC face: a servicer generated from protos/ over the shared engine."""

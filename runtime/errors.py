@@ -1,0 +1,19 @@
+"""The exception types the runtime raises to its callers, each carrying a one-line message."""
+
+from __future__ import annotations
+
+
+class GGUFServeError(Exception):
+    """Base of every error the runtime reports to a user; str(err) is the whole message."""
+
+
+class GGUFError(GGUFServeError, ValueError):
+    """A GGUF file is unreadable, inconsistent or uses something we do not support."""
+
+
+class UnsupportedModelError(GGUFError):
+    """The file is valid GGUF but names an architecture or tensor type we cannot run."""
+
+
+class InvalidRequestError(GGUFServeError, ValueError):
+    """A caller asked for something invalid (bad parameter, prompt too long, ...)."""
