@@ -1,0 +1,1 @@
+"""Building blocks of the transformer: norm, rotary, linear, attention, activation, embedding."""

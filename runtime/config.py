@@ -1,0 +1,166 @@
+"""Frozen configuration: ModelConfig read from GGUF metadata, EngineConfig from the command line."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from runtime.errors import GGUFError, InvalidRequestError
+
+# Sanity bounds: metadata outside them is a corrupt or hostile file, not a model.
+_MAX_LAYERS = 1024
+_MAX_DIM = 1 << 17
+_MAX_HEADS = 1024
+_MAX_VOCAB = 1 << 22
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding of one layer kind: base, rotated dims, style, scaling."""
+
+    base: float
+    dim: int  # rotated dims per head (<= head_dim)
+    neox: bool  # True: rotate halves (NEOX); False: rotate adjacent pairs (llama.cpp NORM)
+    linear_factor: float = 1.0  # positions divided by this (rope.scaling.type linear)
+    # llama3-style per-frequency divisors (the rope_freqs tensor), dim // 2 values
+    freq_factors: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of a decoder-only transformer, as llama.cpp reads them from GGUF."""
+
+    arch: str
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    ffn: int
+    vocab_size: int
+    norm_eps: float
+    context_length: int
+    rope: RopeConfig
+    rope_local: RopeConfig | None = None  # sliding-window layers' rope, when it differs
+    sliding_window: int = 0  # 0: none
+    # per layer: True when the layer attends through the sliding window
+    sliding_layers: tuple[bool, ...] = ()
+    attn_scale: float = 0.0  # 0 means 1/sqrt(head_dim)
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
+    embed_scale: float = 1.0
+    tied_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sandwich_norm: bool = False
+    activation: str = "silu"  # "silu" | "gelu_tanh"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, what: str) -> None:
+            if not ok:
+                raise GGUFError(f"{self.arch}: absurd metadata: {what}")
+
+        check(0 < self.n_layers <= _MAX_LAYERS, f"block_count={self.n_layers}")
+        check(0 < self.hidden <= _MAX_DIM, f"embedding_length={self.hidden}")
+        check(0 < self.n_heads <= _MAX_HEADS, f"head_count={self.n_heads}")
+        check(0 < self.n_kv_heads <= self.n_heads, f"head_count_kv={self.n_kv_heads}")
+        check(self.n_heads % self.n_kv_heads == 0, "head_count not a multiple of head_count_kv")
+        check(0 < self.head_dim <= 1024 and self.head_dim % 2 == 0, f"key_length={self.head_dim}")
+        check(0 < self.v_head_dim <= 1024, f"value_length={self.v_head_dim}")
+        check(0 < self.ffn <= 1 << 20, f"feed_forward_length={self.ffn}")
+        check(0 < self.vocab_size <= _MAX_VOCAB, f"vocab size {self.vocab_size}")
+        check(0 < self.norm_eps < 1, f"layer_norm_rms_epsilon={self.norm_eps}")
+        check(0 < self.context_length <= 1 << 24, f"context_length={self.context_length}")
+        check(self.rope.base > 0 and 0 < self.rope.dim <= self.head_dim, "rope settings")
+        check(self.sliding_window >= 0, f"sliding_window={self.sliding_window}")
+        check(len(self.sliding_layers) in (0, self.n_layers), "sliding layer pattern length")
+        check(self.activation in ("silu", "gelu_tanh"), f"activation {self.activation}")
+
+    @property
+    def scale(self) -> float:
+        return self.attn_scale or 1.0 / math.sqrt(self.head_dim)
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.sliding_layers) and self.sliding_layers[layer] and self.sliding_window > 0
+
+    def rope_for(self, layer: int) -> RopeConfig:
+        return self.rope_local if (self.rope_local and self.is_sliding(layer)) else self.rope
+
+
+class Metadata:
+    """Typed access to `{arch}.*` keys with one error style for missing or ill-typed values."""
+
+    def __init__(self, md: Mapping[str, Any], arch: str) -> None:
+        self.md = md
+        self.arch = arch
+
+    def _raw(self, key: str) -> Any:
+        return self.md.get(f"{self.arch}.{key}", self.md.get(key))
+
+    def int(self, key: str, default: int | None = None) -> int:
+        v = self._raw(key)
+        if v is None:
+            if default is None:
+                raise GGUFError(f"metadata lacks {self.arch}.{key}")
+            return default
+        if isinstance(v, list):  # some converters write per-layer arrays; all equal here
+            if not v or any(x != v[0] for x in v):
+                raise GGUFError(f"{self.arch}.{key}: per-layer values {v[:4]}... not supported")
+            v = v[0]
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise GGUFError(f"metadata {self.arch}.{key} should be an integer, got {v!r}")
+        return v
+
+    def float(self, key: str, default: float | None = None) -> float:
+        v = self._raw(key)
+        if v is None:
+            if default is None:
+                raise GGUFError(f"metadata lacks {self.arch}.{key}")
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise GGUFError(f"metadata {self.arch}.{key} should be a finite number, got {v!r}")
+        return float(v)
+
+    def str(self, key: str, default: str = "") -> str:
+        v = self._raw(key)
+        return v if isinstance(v, str) else default
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs: device, dtype, KV pool size, slots and token budget."""
+
+    model_path: str
+    device: str = "cpu"
+    dtype: str = "float32"  # activations and dense weights
+    n_ctx: int = 4096  # KV pool, in tokens (all slots share it)
+    block_size: int = 16  # tokens per KV block
+    n_parallel: int = 8  # slots: concurrent requests
+    n_batch: int = 2048  # tokens per step (prefill chunks + decodes)
+    n_threads: int = 0  # 0: leave torch's default
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise InvalidRequestError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("n_ctx", "block_size", "n_parallel", "n_batch"):
+            if getattr(self, name) <= 0:
+                raise InvalidRequestError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_threads < 0:
+            raise InvalidRequestError(f"n_threads must be >= 0, got {self.n_threads}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.n_ctx // self.block_size)

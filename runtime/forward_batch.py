@@ -1,0 +1,81 @@
+"""A flat token batch: several sequences' new tokens in one forward, addressed into the paged KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SeqSlice:
+    """One sequence's part of the batch (plain ints, read by the attention loop)."""
+
+    start: int  # first row of this sequence in the flat batch
+    n_new: int  # tokens computed this step
+    n_ctx: int  # tokens in the cache once this step's are written (past + new)
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """Inputs of one forward. T = total new tokens, B = sequences, M = max blocks per sequence."""
+
+    token_ids: torch.Tensor  # (T,) int64
+    positions: torch.Tensor  # (T,) int64, rotary positions
+    slot_mapping: torch.Tensor  # (T,) int64, flat cache slot (block * block_size + offset)
+    block_tables: torch.Tensor  # (B, M) int64, padded with 0
+    seqs: tuple[SeqSlice, ...]
+    logits_indices: torch.Tensor  # (N,) int64, rows whose logits are wanted
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @staticmethod
+    def build(
+        new_tokens: Sequence[Sequence[int]],
+        num_computed: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        block_size: int,
+        want_logits: Sequence[bool] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> ForwardBatch:
+        """Lay out sequence i's `new_tokens[i]` after its `num_computed[i]` cached tokens.
+
+        Logits are taken at each sequence's last new token when `want_logits[i]`
+        (a prefill chunk that is not the prompt's last wants none).
+        """
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        seqs: list[SeqSlice] = []
+        out_rows: list[int] = []
+        for i, (toks, done, table) in enumerate(zip(new_tokens, num_computed, block_tables)):
+            n = len(toks)
+            assert n > 0, "a scheduled sequence has at least one new token"
+            assert len(table) * block_size >= done + n, "block table too short"
+            seqs.append(SeqSlice(len(ids), n, done + n))
+            for j, t in enumerate(toks):
+                p = done + j
+                ids.append(int(t))
+                pos.append(p)
+                slots.append(table[p // block_size] * block_size + p % block_size)
+            if want_logits is None or want_logits[i]:
+                out_rows.append(len(ids) - 1)
+        width = max(len(t) for t in block_tables)
+        tables = torch.zeros((len(block_tables), width), dtype=torch.int64)
+        for i, t in enumerate(block_tables):
+            tables[i, : len(t)] = torch.tensor(list(t), dtype=torch.int64)
+
+        def as_tensor(xs: list[int]) -> torch.Tensor:
+            return torch.tensor(xs, dtype=torch.int64, device=device)
+
+        return ForwardBatch(
+            token_ids=as_tensor(ids),
+            positions=as_tensor(pos),
+            slot_mapping=as_tensor(slots),
+            block_tables=tables.to(device),
+            seqs=tuple(seqs),
+            logits_indices=as_tensor(out_rows),
+        )

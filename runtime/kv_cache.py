@@ -1,0 +1,51 @@
+"""The physical K/V tensors of the paged cache and their sizing; no allocation policy here."""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.config import ModelConfig
+
+
+class KVCache:
+    """Per layer, K and V as (num_blocks, block_size, kv_heads, head_dim) tensors."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        shape_k = (num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
+        shape_v = (num_blocks, block_size, cfg.n_kv_heads, cfg.v_head_dim)
+        self.k = [torch.zeros(shape_k, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape_v, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+
+    @staticmethod
+    def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return cfg.n_layers * cfg.n_kv_heads * (cfg.head_dim + cfg.v_head_dim) * elem
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.k) + sum(t.nbytes for t in self.v)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (T, kv_heads, head_dim) at flat slots (T,)."""
+        self.k[layer].view(-1, *self.k[layer].shape[2:])[slots] = k.to(self.k[layer].dtype)
+        self.v[layer].view(-1, *self.v[layer].shape[2:])[slots] = v.to(self.v[layer].dtype)
+
+    def gather(
+        self, layer: int, blocks: torch.Tensor, start: int, end: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [start, end) of a sequence whose block table is `blocks` (M,): (end-start, kvh, d)."""
+        bs = self.block_size
+        first, last = start // bs, -(-end // bs)
+        sel = blocks[first:last]
+        k = self.k[layer][sel].flatten(0, 1)[start - first * bs : end - first * bs]
+        v = self.v[layer][sel].flatten(0, 1)[start - first * bs : end - first * bs]
+        return k, v

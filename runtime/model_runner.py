@@ -1,0 +1,62 @@
+"""ForwardBatch -> model -> sampler -> sampled tokens, over the KV cache it owns."""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.config import EngineConfig
+from runtime.forward_batch import ForwardBatch
+from runtime.kv_cache import KVCache
+from runtime.loader import LoadedModel
+from runtime.sampler import sample
+from runtime.scheduler import SampledToken, SchedulerOutput
+
+
+class ModelRunner:
+    """Owns the model and its paged KV cache; executes one scheduled step at a time."""
+
+    def __init__(self, loaded: LoadedModel, cfg: EngineConfig) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.device = loaded.device
+        self.block_size = cfg.block_size
+        self.cache = KVCache(loaded.config, cfg.num_blocks, cfg.block_size, loaded.dtype, self.device)
+
+    def execute(self, sched: SchedulerOutput) -> list[SampledToken | None]:
+        """Run one forward over every scheduled sequence; sample where a sequence asks for it."""
+        if not sched.seqs:
+            return []
+        new_tokens, computed, tables = [], [], []
+        for s in sched.seqs:
+            req = s.request
+            start = req.num_computed_tokens
+            new_tokens.append(req.all_token_ids[start : start + s.num_new])
+            computed.append(start)
+            tables.append(req.block_ids)
+        batch = ForwardBatch.build(
+            new_tokens, computed, tables, self.block_size, [s.sample for s in sched.seqs], self.device
+        )
+        logits = self.model.forward(batch, self.cache)  # (n_sampling, vocab)
+        sampling = [s for s in sched.seqs if s.sample]
+        ids, logprobs = sample(
+            logits, [s.request.params for s in sampling], [s.request.generator for s in sampling]
+        )
+        picked = iter(zip(ids, logprobs))
+        out: list[SampledToken | None] = []
+        for s in sched.seqs:
+            if s.sample:
+                t, lp = next(picked)
+                out.append(SampledToken(t, lp))
+            else:
+                out.append(None)
+        return out
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int], block_ids: list[int]) -> torch.Tensor:
+        """Logits at every position of one sequence (teacher forcing): (len, vocab) float32."""
+        batch = ForwardBatch.build([token_ids], [0], [block_ids], self.block_size, None, self.device)
+        rows = torch.arange(len(token_ids), device=self.device)
+        batch = ForwardBatch(
+            batch.token_ids, batch.positions, batch.slot_mapping, batch.block_tables, batch.seqs, rows
+        )
+        return self.model.forward(batch, self.cache)

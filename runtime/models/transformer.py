@@ -1,0 +1,166 @@
+"""The decoder-only transformer every supported architecture is an instance of, and its GGUF tensor map."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from runtime.config import ModelConfig
+from runtime.forward_batch import ForwardBatch
+from runtime.kv_cache import KVCache
+from runtime.layers.activation import gated
+from runtime.layers.attention import paged_attention
+from runtime.layers.linear import Embedding, Linear
+from runtime.layers.norm import rms_norm
+from runtime.layers.rotary import Rotary
+
+# GGUF tensor names (llama.cpp's) per layer; {i} is the layer index.
+LAYER_TENSORS = {
+    "attn_norm": "blk.{i}.attn_norm.weight",
+    "q": "blk.{i}.attn_q.weight",
+    "k": "blk.{i}.attn_k.weight",
+    "v": "blk.{i}.attn_v.weight",
+    "o": "blk.{i}.attn_output.weight",
+    "q_bias": "blk.{i}.attn_q.bias",
+    "k_bias": "blk.{i}.attn_k.bias",
+    "v_bias": "blk.{i}.attn_v.bias",
+    "q_norm": "blk.{i}.attn_q_norm.weight",
+    "k_norm": "blk.{i}.attn_k_norm.weight",
+    "post_attn_norm": "blk.{i}.post_attention_norm.weight",
+    "ffn_norm": "blk.{i}.ffn_norm.weight",
+    "gate": "blk.{i}.ffn_gate.weight",
+    "up": "blk.{i}.ffn_up.weight",
+    "down": "blk.{i}.ffn_down.weight",
+    "post_ffn_norm": "blk.{i}.post_ffw_norm.weight",
+}
+MODEL_TENSORS = {"embed": "token_embd.weight", "norm": "output_norm.weight", "output": "output.weight"}
+
+# (name, shape) -> tensor; the loader checks the shape and dequantizes to the model dtype.
+WeightSource = Callable[[str, tuple[int, ...]], torch.Tensor]
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    ffn_norm: torch.Tensor
+    gate: Linear
+    up: Linear
+    down: Linear
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    post_attn_norm: torch.Tensor | None = None
+    post_ffn_norm: torch.Tensor | None = None
+
+
+class Transformer:
+    """Embedding -> N x (attention, gated MLP) -> norm -> logits, over a paged KV cache."""
+
+    def __init__(self, cfg: ModelConfig, get: WeightSource, device: torch.device | str = "cpu") -> None:
+        self.cfg = cfg
+        c = cfg
+        self.embed = Embedding(get(MODEL_TENSORS["embed"], (c.vocab_size, c.hidden)))
+        self.norm = get(MODEL_TENSORS["norm"], (c.hidden,))
+        self.output = (
+            self.embed.as_linear()
+            if c.tied_embeddings
+            else Linear(get(MODEL_TENSORS["output"], (c.vocab_size, c.hidden)))
+        )
+        self.layers = [self._layer(i, get) for i in range(c.n_layers)]
+        self.rotary = Rotary(c.rope, device)
+        self.rotary_local = Rotary(c.rope_local, device) if c.rope_local else self.rotary
+
+    def _layer(self, i: int, get: WeightSource) -> Layer:
+        c = self.cfg
+        q_out, kv_out, v_out = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.v_head_dim
+
+        def w(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+            return get(LAYER_TENSORS[key].format(i=i), shape)
+
+        def bias(key: str, n: int) -> torch.Tensor | None:
+            return w(key, (n,)) if c.qkv_bias else None
+
+        layer = Layer(
+            attn_norm=w("attn_norm", (c.hidden,)),
+            q=Linear(w("q", (q_out, c.hidden)), bias("q_bias", q_out)),
+            k=Linear(w("k", (kv_out, c.hidden)), bias("k_bias", kv_out)),
+            v=Linear(w("v", (v_out, c.hidden)), bias("v_bias", v_out)),
+            o=Linear(w("o", (c.hidden, c.n_heads * c.v_head_dim))),
+            ffn_norm=w("ffn_norm", (c.hidden,)),
+            gate=Linear(w("gate", (c.ffn, c.hidden))),
+            up=Linear(w("up", (c.ffn, c.hidden))),
+            down=Linear(w("down", (c.hidden, c.ffn))),
+        )
+        if c.qk_norm:
+            layer.q_norm = w("q_norm", (c.head_dim,))
+            layer.k_norm = w("k_norm", (c.head_dim,))
+        if c.sandwich_norm:
+            layer.post_attn_norm = w("post_attn_norm", (c.hidden,))
+            layer.post_ffn_norm = w("post_ffn_norm", (c.hidden,))
+        return layer
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        """-> float32 logits (len(batch.logits_indices), vocab)."""
+        c = self.cfg
+        x = self.embed(batch.token_ids)  # (T, hidden)
+        if c.embed_scale != 1.0:
+            # llama.cpp and HF both scale in the activation dtype
+            x = x * torch.tensor(c.embed_scale, dtype=x.dtype)
+        cos_sin = self.rotary.cos_sin(batch.positions)
+        cos_sin_local = (
+            self.rotary_local.cos_sin(batch.positions) if self.rotary_local is not self.rotary else cos_sin
+        )
+        for i, layer in enumerate(self.layers):
+            sliding = c.is_sliding(i)
+            rot, cs = (self.rotary_local, cos_sin_local) if sliding else (self.rotary, cos_sin)
+            h = rms_norm(x, layer.attn_norm, c.norm_eps)
+            h = self._attention(i, layer, h, batch, cache, rot, cs, c.sliding_window if sliding else 0)
+            if layer.post_attn_norm is not None:
+                h = rms_norm(h, layer.post_attn_norm, c.norm_eps)
+            x = x + h
+            h = rms_norm(x, layer.ffn_norm, c.norm_eps)
+            h = layer.down(gated(layer.gate(h), layer.up(h), c.activation))
+            if layer.post_ffn_norm is not None:
+                h = rms_norm(h, layer.post_ffn_norm, c.norm_eps)
+            x = x + h
+        x = x[batch.logits_indices]
+        x = rms_norm(x, self.norm, c.norm_eps)
+        logits = self.output(x).float()
+        if c.final_softcap:
+            logits = c.final_softcap * torch.tanh(logits / c.final_softcap)
+        return logits
+
+    def _attention(
+        self,
+        i: int,
+        layer: Layer,
+        h: torch.Tensor,
+        batch: ForwardBatch,
+        cache: KVCache,
+        rot: Rotary,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        window: int,
+    ) -> torch.Tensor:
+        c = self.cfg
+        t = h.shape[0]
+        q = layer.q(h).view(t, c.n_heads, c.head_dim)
+        k = layer.k(h).view(t, c.n_kv_heads, c.head_dim)
+        v = layer.v(h).view(t, c.n_kv_heads, c.v_head_dim)
+        if layer.q_norm is not None and layer.k_norm is not None:
+            q = rms_norm(q, layer.q_norm, c.norm_eps)
+            k = rms_norm(k, layer.k_norm, c.norm_eps)
+        q = rot.apply(q, *cos_sin)
+        k = rot.apply(k, *cos_sin)
+        o = paged_attention(q, k, v, cache, i, batch, c.scale, window, c.attn_softcap)
+        return layer.o(o.reshape(t, c.n_heads * c.v_head_dim))
+
+
+def default_attn_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,103 @@
+"""Token-level scheduling: budgets, slots, chunked prefill, preemption and freeing, without a model."""
+
+import random
+
+from runtime.block_manager import BlockManager
+from runtime.request import Request, Status
+from runtime.sampling_params import SamplingParams
+from runtime.scheduler import SampledToken, Scheduler
+
+EOS = 99
+
+
+def make(n_blocks=16, bs=4, max_running=2, budget=8, max_len=64):
+    bm = BlockManager(n_blocks, bs)
+    return bm, Scheduler(bm, max_running, budget, max_len, frozenset({EOS}))
+
+
+def req(rid, n_prompt, n_predict=3):
+    return Request(rid, list(range(1, n_prompt + 1)), SamplingParams(temperature=0, n_predict=n_predict))
+
+
+def step(s, tokens=None):
+    out = s.schedule()
+    sampled = [SampledToken(tokens.get(q.request.request_id, 7) if tokens else 7) if q.sample else None for q in out.seqs]
+    return out, s.update(out, sampled)
+
+
+def test_chunked_prefill_under_budget_then_decode():
+    bm, s = make(budget=8)
+    r = req("a", 10, n_predict=2)
+    s.add(r)
+    out, res = step(s)
+    assert [(q.request.request_id, q.num_new, q.sample) for q in out.seqs] == [("a", 8, False)]
+    assert res == [] and r.block_ids == [0, 1]
+    out, res = step(s)
+    assert [(q.num_new, q.sample) for q in out.seqs] == [(2, True)]
+    assert r.block_ids == [0, 1, 2] and res[0].new_token_ids == (7,)
+    out, res = step(s)
+    assert [(q.num_new, q.sample) for q in out.seqs] == [(1, True)]
+    assert res[0].finished and res[0].finish_reason == "length"
+    assert bm.num_free == 16 and r.status is Status.FINISHED
+
+
+def test_slots_limit_running_and_eos_stops():
+    bm, s = make(max_running=2, budget=100)
+    for rid in "abc":
+        s.add(req(rid, 3, n_predict=5))
+    out, _ = step(s)
+    assert [q.request.request_id for q in out.seqs] == ["a", "b"]
+    assert [r.request_id for r in s.waiting] == ["c"]
+    out, res = step(s, {"a": EOS})
+    fin = {o.request_id: o.finish_reason for o in res if o.finished}
+    assert fin == {"a": "stop"}
+    out, _ = step(s)
+    assert [q.request.request_id for q in out.seqs] == ["b", "c"]
+
+
+def test_preemption_recomputes_and_frees():
+    bm, s = make(n_blocks=3, bs=4, max_running=2, budget=100)
+    a, b = req("a", 4, n_predict=6), req("b", 4, n_predict=6)
+    s.add(a)
+    s.add(b)
+    step(s)  # both prefilled: one block each, one block left
+    assert a.block_ids == [0] and b.block_ids == [1]
+    out, _ = step(s)  # both need a 2nd block: only one free -> b is preempted
+    assert out.preempted == ("b",)
+    assert [q.request.request_id for q in out.seqs] == ["a"]
+    assert b.status is Status.WAITING and b.num_computed_tokens == 0 and b.block_ids == []
+    assert a.block_ids == [0, 2]
+
+
+def test_abort_frees_blocks():
+    bm, s = make()
+    r = req("a", 9)
+    s.add(r)
+    step(s)
+    assert bm.num_free < 16
+    assert s.abort("a") is r and r.finish_reason == "abort"
+    assert bm.num_free == 16 and not s.has_unfinished()
+    assert s.abort("missing") is None
+
+
+def test_random_operations_end_with_every_block_free():
+    rng = random.Random(0)
+    bm, s = make(n_blocks=12, bs=4, max_running=3, budget=10, max_len=40)
+    live = []
+    for i in range(1000):
+        op = rng.random()
+        if op < 0.3:
+            r = req(f"r{i}", rng.randint(1, 20), n_predict=rng.randint(1, 10))
+            s.add(r)
+            live.append(r.request_id)
+        elif op < 0.4 and live:
+            s.abort(live.pop(rng.randrange(len(live))))
+        else:
+            _, res = step(s, {rid: EOS for rid in live if rng.random() < 0.05})
+            done = {o.request_id for o in res if o.finished}
+            live = [x for x in live if x not in done]
+        used = sum(len(r.block_ids) for r in s.running)
+        assert used + bm.num_free == 12
+    for rid in list(live):
+        s.abort(rid)
+    assert bm.num_free == 12 and not s.has_unfinished()
