@@ -65,8 +65,8 @@ class ForwardBatch:
                 out_rows.append(len(ids) - 1)
         width = max(len(t) for t in block_tables)
         tables = torch.zeros((len(block_tables), width), dtype=torch.int64)
-        for i, t in enumerate(block_tables):
-            tables[i, : len(t)] = torch.tensor(list(t), dtype=torch.int64)
+        for i, table in enumerate(block_tables):
+            tables[i, : len(table)] = torch.tensor(list(table), dtype=torch.int64)
 
         def as_tensor(xs: list[int]) -> torch.Tensor:
             return torch.tensor(xs, dtype=torch.int64, device=device)

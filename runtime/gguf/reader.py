@@ -57,7 +57,7 @@ class _Reader(GGUFReader):
         itype = GGUFValueType(int(raw_itype[0]))
         offs = orig_offs + 12
         if itype == GGUFValueType.STRING:
-            buf = memoryview(self.data)
+            buf = memoryview(self.data)  # type: ignore[arg-type]  # np.memmap is a buffer
             parts: list[Any] = [raw_itype, alen]
             for _ in range(n):
                 slen = int.from_bytes(buf[offs : offs + 8], "little")

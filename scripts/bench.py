@@ -1,0 +1,94 @@
+"""Measures load time, prompt and decode speed, and resident memory of the engine on a GGUF model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from runtime.config import EngineConfig  # noqa: E402
+from runtime.engine import Engine  # noqa: E402
+from runtime.sampling_params import SamplingParams  # noqa: E402
+
+
+def rss_mb() -> float:
+    """Current resident set size (Linux /proc), in MiB."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("-m", "--model", help="GGUF file (default: the bundled model)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, default=1, help="parallel decode streams")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    from runtime.default_model import default_model_path
+
+    path = args.model or str(default_model_path())
+    rss0 = rss_mb()
+    t0 = time.perf_counter()
+    n_ctx = max(4096, (args.prompt_tokens + args.decode_tokens + 16) * max(1, args.concurrency))
+    cfg = EngineConfig(
+        model_path=path, dtype=args.dtype, n_threads=args.threads, n_ctx=n_ctx,
+        n_parallel=max(1, args.concurrency), n_batch=max(2048, args.prompt_tokens),
+    )
+    engine = Engine(cfg)
+    load_s = time.perf_counter() - t0
+    vocab = engine.loaded.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    greedy = SamplingParams(temperature=0.0, n_predict=1, ignore_eos=True)
+
+    def prompt(n: int) -> list[int]:
+        return torch.randint(100, min(vocab, 20000), (n,), generator=g).tolist()
+
+    engine.generate([prompt(32)], greedy)  # warm-up
+    pp = []
+    for _ in range(args.repeats):
+        p = prompt(args.prompt_tokens)
+        t = time.perf_counter()
+        engine.generate([p], greedy)
+        pp.append(args.prompt_tokens / (time.perf_counter() - t))
+    tg = []
+    for _ in range(args.repeats):
+        params = SamplingParams(temperature=0.0, n_predict=args.decode_tokens + 1, ignore_eos=True)
+        rids = [engine.add_request(prompt(16), params) for _ in range(args.concurrency)]
+        while any(engine.requests[r].num_computed_tokens < 16 for r in rids):
+            engine.step()  # prompts in; decode timing starts with all streams running
+        t, n = time.perf_counter(), 0
+        while engine.has_unfinished():
+            n += sum(len(o.new_token_ids) for o in engine.step())
+        tg.append(n / (time.perf_counter() - t))
+    result = {
+        "model": Path(path).name,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "load_s": round(load_s, 2),
+        f"prompt_tok_s_pp{args.prompt_tokens}": round(max(pp), 1),
+        f"decode_tok_s_c{args.concurrency}": round(max(tg), 1),
+        "rss_mb": round(rss_mb(), 1),
+        "rss_model_mb": round(rss_mb() - rss0, 1),
+        "kv_cache_mb": round(engine.runner.cache.nbytes / 2**20, 1),
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

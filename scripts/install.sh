@@ -1,0 +1,46 @@
+# Sourced by scripts/serve, scripts/test and the Dockerfile: makes a virtualenv with
+# gguf-serve installed, taking a CPU build of torch unless a CUDA GPU is present.
+#   ensure_env [EXTRA]   EXTRA: "" (runtime only) or "test"
+# GGUF_SERVE_VENV picks the virtualenv (default: .venv in the repository).
+
+_repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${GGUF_SERVE_VENV:-$_repo_root/.venv}"
+TORCH_VERSION="2.13.0"
+
+_log() { echo "[install] $*" >&2; }
+
+_install_torch() {
+    local py="$VENV/bin/python"
+    if "$py" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null; then
+        return 0
+    fi
+    # 1. A local wheel (these machines keep the CPU build in pip's find-links).
+    if "$py" -m pip install -q --no-index "torch==$TORCH_VERSION" 2>/dev/null; then
+        _log "torch $TORCH_VERSION from a local wheel"; return 0
+    fi
+    # 2. With an NVIDIA GPU, the registry's default (CUDA) build is what we want.
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        "$py" -m pip install -q "torch==$TORCH_VERSION"; return
+    fi
+    # 3. No GPU: PyTorch's CPU index, so no CUDA packages are pulled.
+    _log "no GPU: installing the CPU build of torch $TORCH_VERSION"
+    "$py" -m pip install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+}
+
+ensure_env() {
+    local extra="${1:-}"
+    if [ ! -x "$VENV/bin/python" ]; then
+        _log "creating $VENV"
+        python3 -m venv "$VENV"
+    fi
+    _install_torch
+    local spec="$_repo_root"
+    [ -n "$extra" ] && spec="$_repo_root[$extra]"
+    local stamp="$VENV/.gguf-serve-installed${extra:+-$extra}"
+    # Reinstall when pyproject.toml changed since the last install.
+    if [ ! -f "$stamp" ] || [ "$_repo_root/pyproject.toml" -nt "$stamp" ]; then
+        _log "installing gguf-serve${extra:+[$extra]}"
+        "$VENV/bin/python" -m pip install -q -e "$spec"
+        touch "$stamp"
+    fi
+}

@@ -1,0 +1,63 @@
+"""Reading llama.cpp's recorded greedy runs (tests/data/*_greedy.jsonl) and scoring a model against them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+DATA = Path(__file__).parent / "data"
+
+
+@dataclass
+class Agreement:
+    steps: int
+    top1: int
+    top5_abs_err: float  # mean |ours - llama.cpp| over each step's top-5 tokens
+
+    @property
+    def top1_rate(self) -> float:
+        return self.top1 / self.steps
+
+
+def greedy_cases(name: str) -> list[dict]:
+    with open(DATA / f"{name}_greedy.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def aligned_steps(case: dict) -> list[tuple[int, dict]]:
+    """(index into case["tokens"], step) pairs.
+
+    llama.cpp's server reports no probabilities for a token that ends inside a UTF-8
+    character, so the steps are a subsequence of the tokens: match them by id in order.
+    """
+    out, k = [], 0
+    tokens = case["tokens"]
+    for step in case["steps"]:
+        while tokens[k] != step["id"]:
+            k += 1
+        out.append((k, step))
+        k += 1
+    return out
+
+
+def teacher_forced(engine, tokenizer, cases: list[dict]) -> Agreement:
+    """Feed each prompt + llama.cpp's own tokens; compare our next-token log-probs at each step."""
+    steps = top1 = 0
+    err_sum, err_n = 0.0, 0
+    for case in cases:
+        prompt = tokenizer.encode(case["prompt"], add_special=case.get("add_bos", True))
+        seq = prompt + case["tokens"]
+        blocks = engine.blocks.allocate(engine.blocks.blocks_needed(len(seq), 0))
+        try:
+            logprobs = engine.runner.score(seq, blocks).log_softmax(-1)
+        finally:
+            engine.blocks.free(blocks)
+        for k, step in aligned_steps(case):
+            row = logprobs[len(prompt) - 1 + k]
+            steps += 1
+            top1 += int(row.argmax()) == step["top"][0][0]
+            for tid, lp in step["top"][:5]:
+                err_sum += abs(float(row[tid]) - lp)
+                err_n += 1
+    return Agreement(steps, top1, err_sum / err_n)

@@ -1,0 +1,65 @@
+"""Agreement with llama.cpp's recorded greedy runs: teacher-forced and free-running."""
+
+import pytest
+
+from runtime.config import EngineConfig
+from runtime.engine import Engine
+from runtime.sampling_params import SamplingParams
+from tests.reference import greedy_cases, teacher_forced
+
+GREEDY = SamplingParams(temperature=0.0, n_predict=32)
+
+
+@pytest.fixture(scope="module")
+def llama3_engine(llama3_tiny_path):
+    return Engine(EngineConfig(model_path=str(llama3_tiny_path), n_ctx=1024))
+
+
+def test_llama3_tiny_teacher_forced(llama3_engine):
+    a = teacher_forced(llama3_engine, llama3_engine.tokenizer, greedy_cases("llama3_tiny"))
+    print(f"llama3-tiny: top-1 {a.top1}/{a.steps} = {a.top1_rate:.4f}, top-5 err {a.top5_abs_err:.4f}")
+    assert a.steps >= 370
+    assert a.top1_rate >= 0.99
+    assert a.top5_abs_err <= 0.01
+
+
+@pytest.mark.slow
+def test_default_model_teacher_forced(default_engine):
+    a = teacher_forced(default_engine, default_engine.tokenizer, greedy_cases("gemma3"))
+    print(f"gemma3-270m: top-1 {a.top1}/{a.steps} = {a.top1_rate:.4f}, top-5 err {a.top5_abs_err:.4f}")
+    assert a.steps == 384
+    assert a.top1_rate >= 0.96
+    assert a.top5_abs_err <= 0.15
+
+
+@pytest.mark.slow
+def test_default_model_free_running_greedy(default_engine):
+    """12 prompts generated together; at least 11 agree with llama.cpp on their first 8 tokens."""
+    cases = greedy_cases("gemma3")
+    tok = default_engine.tokenizer
+    outs = default_engine.generate([tok.encode(c["prompt"]) for c in cases], GREEDY)
+    agree = [out[:8] == c["tokens"][:8] for out, c in zip(outs, cases)]
+    full = sum(out == c["tokens"] for out, c in zip(outs, cases))
+    print(f"gemma3-270m free-running: {sum(agree)}/12 agree on 8 tokens, {full}/12 on all 32")
+    assert sum(agree) >= 11
+
+
+def test_batch_equals_alone_llama3(llama3_engine):
+    _batch_equals_alone(llama3_engine, greedy_cases("llama3_tiny")[:8])
+
+
+@pytest.mark.slow
+def test_batch_equals_alone_default_model(default_engine):
+    _batch_equals_alone(default_engine, greedy_cases("gemma3")[:8])
+
+
+def _batch_equals_alone(engine, cases):
+    """8 different prompts in one batch give the same greedy tokens as each alone."""
+    tok = engine.tokenizer
+    prompts = [tok.encode(c["prompt"]) for c in cases]
+    assert len({len(p) for p in prompts}) > 1, "mixed lengths exercise the flat batch"
+    params = SamplingParams(temperature=0.0, n_predict=16, ignore_eos=True)
+    together = engine.generate(prompts, params)
+    alone = [engine.generate([p], params)[0] for p in prompts]
+    assert together == alone
+    assert engine.num_free_blocks == engine.blocks.num_blocks
