@@ -1,0 +1,30 @@
+"""Shared fixtures: the default model (assembled from its package once), the llama3-tiny reference model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    from runtime.default_model import default_model_path as path
+
+    return path()
+
+
+@pytest.fixture(scope="session")
+def llama3_tiny_path() -> Path:
+    """Random-weight Llama with the real Llama 3 vocabulary; llama.cpp's outputs on it are in tests/data."""
+    return DATA / "llama3_tiny_f32.gguf"
+
+
+@pytest.fixture(scope="session")
+def default_engine(default_model_path):
+    from runtime.config import EngineConfig
+    from runtime.engine import Engine
+
+    return Engine(EngineConfig(model_path=str(default_model_path), n_ctx=1024))
