@@ -147,6 +147,7 @@ class EngineConfig:
     n_parallel: int = 8  # slots: concurrent requests
     n_batch: int = 2048  # tokens per step (prefill chunks + decodes)
     n_threads: int = 0  # 0: leave torch's default
+    prefix_caching: bool = True  # share KV blocks between prompts that start alike
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

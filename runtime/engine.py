@@ -28,7 +28,7 @@ class Engine:
         self.loaded = loaded or load_model(cfg.model_path, cfg.torch_dtype, cfg.device)
         self.tokenizer = self.loaded.tokenizer
         self.runner = ModelRunner(self.loaded, cfg)
-        self.blocks = BlockManager(cfg.num_blocks, cfg.block_size)
+        self.blocks = BlockManager(cfg.num_blocks, cfg.block_size, cfg.prefix_caching)
         # A sequence may use the whole pool when alone (the pool is shared, paged).
         self.max_seq_len = min(cfg.num_blocks * cfg.block_size, self.loaded.config.context_length)
         self.scheduler = Scheduler(

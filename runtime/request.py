@@ -37,6 +37,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" (end-of-generation token) | "length" | "abort"
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache
 
 
 @dataclass
@@ -50,6 +51,11 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
+    # Prefix hashes of the full blocks of all_token_ids known so far, and how many of
+    # this request's blocks are registered in the prefix cache.
+    block_hashes: list[int] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache at admission
     status: Status = Status.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None

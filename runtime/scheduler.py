@@ -86,15 +86,47 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_running and not preempted:
             req = self.waiting[0]
-            n = min(req.num_remaining, budget)
-            if not self._reserve(req, n):
+            if not self._admit(req, budget):
                 break
+            n = min(req.num_remaining, budget)
             self.waiting.popleft()
             req.status = Status.RUNNING
             self.running.append(req)
             out.append(ScheduledSeq(req, n, req.num_computed_tokens + n == req.num_tokens))
             budget -= n
         return SchedulerOutput(tuple(out), tuple(preempted))
+
+    def _admit(self, req: Request, budget: int) -> bool:
+        """Give a waiting request its cached prefix and the blocks for its first chunk, or nothing."""
+        bm = self.blocks
+        # At least one token must be computed to get logits, so a prompt that is
+        # entirely cached still recomputes its last token (in a fresh block).
+        bm.hashes(req.all_token_ids, req.block_hashes)
+        hit = bm.match_prefix(req.block_hashes[: (req.num_tokens - 1) // bm.block_size])
+        start = len(hit) * bm.block_size
+        n = min(req.num_tokens - start, budget)
+        need = bm.blocks_needed(start + n, len(hit))
+        if need > bm.num_free_after_taking(hit):
+            return False
+        bm.take(hit)
+        req.block_ids = hit + bm.allocate(need)
+        req.num_computed_tokens = start
+        req.num_registered_blocks = len(hit)
+        if req.num_cached_tokens == 0:  # a preempted request keeps its first figure
+            req.num_cached_tokens = start
+            bm.hit_tokens += start
+            bm.query_tokens += len(req.prompt_token_ids)
+        return True
+
+    def _register(self, req: Request) -> None:
+        """Name the blocks this step filled, so later requests can share them."""
+        full = req.num_computed_tokens // self.blocks.block_size
+        if full <= req.num_registered_blocks:
+            return
+        self.blocks.hashes(req.all_token_ids, req.block_hashes)
+        for j in range(req.num_registered_blocks, full):
+            self.blocks.cache(req.block_ids[j], req.block_hashes[j])
+        req.num_registered_blocks = full
 
     def _reserve(self, req: Request, n: int) -> bool:
         need = self.blocks.blocks_needed(req.num_computed_tokens + n, len(req.block_ids))
@@ -109,6 +141,7 @@ class Scheduler:
         self.blocks.free(req.block_ids)
         req.block_ids = []
         req.num_computed_tokens = 0
+        req.num_registered_blocks = 0
         req.status = Status.WAITING
         self.waiting.appendleft(req)
 
@@ -120,22 +153,31 @@ class Scheduler:
         for seq, tok in zip(sched.seqs, sampled):
             req = seq.request
             req.num_computed_tokens += seq.num_new
-            if req.status is not Status.RUNNING or tok is None:
+            if req.status is not Status.RUNNING:
                 continue
-            req.output_token_ids.append(tok.token_id)
-            reason = self._stop_reason(req, tok.token_id)
+            self._register(req)
+            if tok is None:
+                continue
+            if req.params.n_predict == 0:
+                # llama.cpp evaluates the prompt (warming the cache) and generates nothing.
+                new: tuple[int, ...] = ()
+                reason: str | None = "length"
+            else:
+                req.output_token_ids.append(tok.token_id)
+                new, reason = (tok.token_id,), self._stop_reason(req, tok.token_id)
             if reason:
                 self.running.remove(req)
                 self._finish(req, reason)
             outputs.append(
                 RequestOutput(
                     req.request_id,
-                    (tok.token_id,),
-                    (tok.logprob,) if tok.logprob else (),
+                    new,
+                    (tok.logprob,) if tok.logprob and new else (),
                     finished=reason is not None,
                     finish_reason=reason,
                     num_prompt_tokens=len(req.prompt_token_ids),
                     num_output_tokens=len(req.output_token_ids),
+                    num_cached_tokens=req.num_cached_tokens,
                 )
             )
         return outputs

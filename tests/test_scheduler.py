@@ -1,6 +1,7 @@
 """Token-level scheduling: budgets, slots, chunked prefill, preemption and freeing, without a model."""
 
 import random
+from collections import Counter
 
 from runtime.block_manager import BlockManager
 from runtime.request import Request, Status
@@ -96,8 +97,63 @@ def test_random_operations_end_with_every_block_free():
             _, res = step(s, {rid: EOS for rid in live if rng.random() < 0.05})
             done = {o.request_id for o in res if o.finished}
             live = [x for x in live if x not in done]
-        used = sum(len(r.block_ids) for r in s.running)
-        assert used + bm.num_free == 12
+        _check_refs(bm, s)
     for rid in list(live):
         s.abort(rid)
     assert bm.num_free == 12 and not s.has_unfinished()
+
+
+def _check_refs(bm, s):
+    """Every block's ref count is the number of running tables holding it; the rest are free."""
+    held = Counter(b for r in s.running for b in r.block_ids)
+    assert all(bm.ref_count(b) == held.get(b, 0) for b in range(bm.num_blocks))
+    assert len(held) + bm.num_free == bm.num_blocks
+
+
+def test_prefix_cache_shares_full_blocks_and_recomputes_the_last_token():
+    bm, s = make(n_blocks=16, bs=4, max_running=4, budget=100)
+    a = Request("a", list(range(1, 11)), SamplingParams(temperature=0, n_predict=1))
+    s.add(a)
+    step(s)  # 10 prompt tokens + 1 sampled: blocks 0, 1 full and registered, 2 partial
+    assert a.finish_reason == "length" and bm.num_cached == 2 and bm.num_free == 16
+    # The finished request's blocks went back tail first: free list is 3..15, 2, 1, 0.
+    b = Request("b", list(range(1, 9)) + [50, 51, 52], SamplingParams(temperature=0, n_predict=5))
+    s.add(b)
+    out, _ = step(s)
+    assert b.num_cached_tokens == 8 and b.block_ids == [0, 1, 3]
+    assert [(q.num_new, q.sample) for q in out.seqs] == [(3, True)]
+    assert [bm.ref_count(i) for i in (0, 1, 3)] == [1, 1, 1]
+    # An identical 8-token prompt (two full blocks) recomputes its last token: one hit block.
+    c = Request("c", list(range(1, 9)), SamplingParams(temperature=0, n_predict=2))
+    s.add(c)
+    out, _ = step(s)
+    assert c.num_cached_tokens == 4 and c.block_ids[0] == 0 and bm.ref_count(0) == 2
+    assert [(q.request.request_id, q.num_new) for q in out.seqs] == [("b", 1), ("c", 4)]
+    _check_refs(bm, s)
+    for rid in ("b", "c"):
+        s.abort(rid)
+    assert bm.num_free == 16
+
+
+def test_prefix_cache_evicts_least_recently_freed_first():
+    bm, s = make(n_blocks=4, bs=4, max_running=1, budget=100)
+    s.add(Request("a", list(range(1, 9)), SamplingParams(temperature=0, n_predict=1)))
+    step(s)  # 8 prompt tokens in blocks 0, 1, both registered; then freed: free list 2, 3, 1, 0
+    assert bm.num_cached == 2
+    # A different prompt needing 3 blocks takes 2, 3 (never used), then 1: block 1 (the
+    # tail of a's prefix) is evicted before block 0, its parent.
+    s.add(Request("x", [70 + i for i in range(10)], SamplingParams(temperature=0, n_predict=1)))
+    step(s)
+    assert bm.num_cached == 3  # x's two full blocks + a's first block (0) survive
+    s.add(Request("a2", list(range(1, 9)) + [9], SamplingParams(temperature=0, n_predict=1)))
+    out, _ = step(s)
+    assert out.seqs[0].request.num_cached_tokens == 4 and out.seqs[0].num_new == 5
+
+
+def test_n_predict_zero_evaluates_the_prompt_and_generates_nothing():
+    bm, s = make()
+    r = req("a", 5, n_predict=0)
+    s.add(r)
+    _, res = step(s)
+    assert [(o.new_token_ids, o.finished, o.finish_reason) for o in res] == [((), True, "length")]
+    assert r.output_token_ids == [] and bm.num_free == 16 and bm.num_cached == 1
