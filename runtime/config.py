@@ -77,7 +77,16 @@ class ModelConfig:
         check(0 < self.vocab_size <= _MAX_VOCAB, f"vocab size {self.vocab_size}")
         check(0 < self.norm_eps < 1, f"layer_norm_rms_epsilon={self.norm_eps}")
         check(0 < self.context_length <= 1 << 24, f"context_length={self.context_length}")
-        check(self.rope.base > 0 and 0 < self.rope.dim <= self.head_dim, "rope settings")
+        for name, rope in (("rope", self.rope), ("rope (sliding layers)", self.rope_local)):
+            if rope is None:
+                continue
+            check(rope.base > 0, f"{name}.freq_base={rope.base}")
+            # the rotation works on pairs of channels, so an odd count cannot be rotated
+            check(
+                0 < rope.dim <= self.head_dim and rope.dim % 2 == 0,
+                f"rope.dimension_count={rope.dim} for key_length={self.head_dim}",
+            )
+            check(rope.linear_factor > 0, f"{name} scaling factor {rope.linear_factor}")
         check(self.sliding_window >= 0, f"sliding_window={self.sliding_window}")
         check(len(self.sliding_layers) in (0, self.n_layers), "sliding layer pattern length")
         check(self.activation in ("silu", "gelu_tanh"), f"activation {self.activation}")
@@ -111,10 +120,10 @@ class Metadata:
             return default
         if isinstance(v, list):  # some converters write per-layer arrays; all equal here
             if not v or any(x != v[0] for x in v):
-                raise GGUFError(f"{self.arch}.{key}: per-layer values {v[:4]}... not supported")
+                raise GGUFError(f"{self.arch}.{key}: per-layer values {repr(v[:4])[:60]}... not supported")
             v = v[0]
         if isinstance(v, bool) or not isinstance(v, int):
-            raise GGUFError(f"metadata {self.arch}.{key} should be an integer, got {v!r}")
+            raise GGUFError(f"metadata {self.arch}.{key} should be an integer, got {repr(v)[:60]}")
         return v
 
     def float(self, key: str, default: float | None = None) -> float:
@@ -124,7 +133,7 @@ class Metadata:
                 raise GGUFError(f"metadata lacks {self.arch}.{key}")
             return default
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise GGUFError(f"metadata {self.arch}.{key} should be a finite number, got {v!r}")
+            raise GGUFError(f"metadata {self.arch}.{key} should be a finite number, got {repr(v)[:60]}")
         return float(v)
 
     def str(self, key: str, default: str = "") -> str:
@@ -148,6 +157,7 @@ class EngineConfig:
     n_batch: int = 2048  # tokens per step (prefill chunks + decodes)
     n_threads: int = 0  # 0: leave torch's default
     prefix_caching: bool = True  # share KV blocks between prompts that start alike
+    context_shift: bool = True  # a full context drops half its middle instead of stopping
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -13,9 +15,28 @@ from runtime.errors import InvalidRequestError
 from runtime.loader import LoadedModel, load_model
 from runtime.model_runner import ModelRunner
 from runtime.request import Request, RequestOutput, Status
-from runtime.sampler import make_generator
+from runtime.sampler import SamplerVocab, new_sampler_state
 from runtime.sampling_params import SamplingParams
 from runtime.scheduler import Scheduler
+from runtime.stop_checker import StopChecker
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Counters the APIs expose (/metrics, /slots, health)."""
+
+    requests_processing: int
+    requests_deferred: int
+    prompt_tokens_total: int  # prompt tokens computed (prefix-cache hits excluded)
+    generation_tokens_total: int
+    prefix_cache_hit_tokens: int
+    prefix_cache_query_tokens: int
+    kv_cache_usage_ratio: float
+    kv_cache_tokens: int  # tokens held by running requests
+    kv_cache_capacity_tokens: int
+    steps_total: int
+    busy_seconds: float  # time spent in step()
+    preemptions_total: int
 
 
 class Engine:
@@ -27,17 +48,33 @@ class Engine:
             torch.set_num_threads(cfg.n_threads)
         self.loaded = loaded or load_model(cfg.model_path, cfg.torch_dtype, cfg.device)
         self.tokenizer = self.loaded.tokenizer
+        self.sampler_vocab = SamplerVocab.from_tokenizer(self.tokenizer)
         self.runner = ModelRunner(self.loaded, cfg)
         self.blocks = BlockManager(cfg.num_blocks, cfg.block_size, cfg.prefix_caching)
         # A sequence may use the whole pool when alone (the pool is shared, paged).
         self.max_seq_len = min(cfg.num_blocks * cfg.block_size, self.loaded.config.context_length)
         self.scheduler = Scheduler(
-            self.blocks, cfg.n_parallel, cfg.n_batch, self.max_seq_len, self.tokenizer.eog_ids
+            self.blocks,
+            cfg.n_parallel,
+            cfg.n_batch,
+            self.max_seq_len,
+            self.tokenizer.eog_ids,
+            context_shift=cfg.context_shift,
+            n_keep_bos=int(self.tokenizer.add_bos),
         )
         self.requests: dict[str, Request] = {}
+        self._text: dict[str, StopChecker] = {}
         self._ids = itertools.count()
+        self._counters = {"prompt": 0, "generated": 0, "steps": 0, "preempted": 0}
+        self._busy = 0.0
 
-    def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> str:
+    def add_request(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a prompt; raises InvalidRequestError (nothing queued) when it cannot run."""
         ids = [int(t) for t in prompt_token_ids]
         if not ids:
             raise InvalidRequestError("the prompt is empty")
@@ -45,35 +82,104 @@ class Engine:
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(f"token id {bad} is out of range [0, {vocab})")
+        truncated = 0
         if len(ids) >= self.max_seq_len:
-            raise InvalidRequestError(
-                f"the prompt has {len(ids)} tokens; the context holds {self.max_seq_len}"
-            )
-        rid = f"req-{next(self._ids)}"
-        gen = None if params.greedy else make_generator(params.seed)
-        req = Request(rid, ids, params, generator=gen)
+            ids, truncated = self._truncate(ids, params)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise InvalidRequestError(f"request id {rid!r} is already in use")
+        state = new_sampler_state(params, ids, self.sampler_vocab)  # validates ids in logit_bias etc.
+        req = Request(rid, ids, params, sampler_state=state)
+        req.num_shifted_tokens = truncated
+        self._text[rid] = StopChecker(self.tokenizer, params.stop)
         self.requests[rid] = req
         self.scheduler.add(req)
         return rid
 
+    def _truncate(self, ids: list[int], params: SamplingParams) -> tuple[list[int], int]:
+        """A prompt that fills the context: an error, or llama.cpp's truncation when n_keep asks for it.
+
+        Truncation keeps the first n_keep tokens and drops whole halves of the
+        remaining room from what follows, so the prompt ends as it did.
+        """
+        n_ctx = self.max_seq_len
+        too_long = f"the prompt has {len(ids)} tokens; the context holds {n_ctx}"
+        if params.n_keep is None or not self.cfg.context_shift:
+            raise InvalidRequestError(f"{too_long} (set n_keep to truncate it)")
+        n_keep = len(ids) if params.n_keep < 0 else params.n_keep
+        block = (n_ctx - n_keep) // 2
+        if block <= 0:
+            raise InvalidRequestError(f"{too_long}, and n_keep={n_keep} leaves no room to truncate")
+        erased = (len(ids) - n_keep - block) // block * block
+        return ids[:n_keep] + ids[n_keep + erased :], erased
+
     def abort(self, request_id: str) -> bool:
         req = self.scheduler.abort(request_id)
         self.requests.pop(request_id, None)
+        self._text.pop(request_id, None)
         return req is not None
+
+    def unfinished_ids(self) -> list[str]:
+        return list(self.requests)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
+        """One forward over the scheduled batch; the deltas it produced, text included."""
+        t0 = time.perf_counter()
         sched = self.scheduler.schedule()
+        self._counters["preempted"] += len(sched.preempted)
         if not sched.seqs:
             return []
         sampled = self.runner.execute(sched)
-        outputs = self.scheduler.update(sched, sampled)
+        outputs = [self._with_text(o) for o in self.scheduler.update(sched, sampled)]
+        for seq in sched.seqs:  # prompt tokens computed this step (update() has advanced them)
+            after, n_prompt = seq.request.num_computed_tokens, len(seq.request.prompt_token_ids)
+            self._counters["prompt"] += max(0, min(after, n_prompt) - (after - seq.num_new))
+        self._counters["generated"] += sum(len(o.new_token_ids) for o in outputs)
+        self._counters["steps"] += 1
         for o in outputs:
             if o.finished:
                 self.requests.pop(o.request_id, None)
+                self._text.pop(o.request_id, None)
+        self._busy += time.perf_counter() - t0
         return outputs
+
+    def _with_text(self, o: RequestOutput) -> RequestOutput:
+        """Decode the delta's tokens; a stop string ends the request here, freeing its blocks."""
+        checker = self._text[o.request_id]
+        eog_stop = o.finish_reason == "stop"
+        text = "".join(
+            checker.push(t)
+            for i, t in enumerate(o.new_token_ids)
+            # The end-of-generation token that stopped the request is not part of the text.
+            if not (eog_stop and i == len(o.new_token_ids) - 1)
+        )
+        if checker.stopped and not o.finished:
+            req = self.scheduler.abort(o.request_id, reason="stop")
+            assert req is not None
+            o = replace(o, finished=True, finish_reason="stop", timings=req.timings())
+        if o.finished:
+            text += checker.finish()
+        return replace(o, text=text, stop_word=checker.stop_word)
+
+    def stats(self) -> EngineStats:
+        bm, sched = self.blocks, self.scheduler
+        return EngineStats(
+            requests_processing=len(sched.running),
+            requests_deferred=len(sched.waiting),
+            prompt_tokens_total=self._counters["prompt"],
+            generation_tokens_total=self._counters["generated"],
+            prefix_cache_hit_tokens=bm.hit_tokens,
+            prefix_cache_query_tokens=bm.query_tokens,
+            kv_cache_usage_ratio=bm.usage,
+            kv_cache_tokens=sum(r.num_computed_tokens for r in sched.running),
+            kv_cache_capacity_tokens=bm.num_blocks * bm.block_size,
+            steps_total=self._counters["steps"],
+            busy_seconds=self._busy,
+            preemptions_total=self._counters["preempted"],
+        )
 
     def generate(
         self, prompts: Iterable[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]

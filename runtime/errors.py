@@ -17,3 +17,7 @@ class UnsupportedModelError(GGUFError):
 
 class InvalidRequestError(GGUFServeError, ValueError):
     """A caller asked for something invalid (bad parameter, prompt too long, ...)."""
+
+
+class EngineError(GGUFServeError, RuntimeError):
+    """The engine failed while running a request (a server-side fault, not the caller's)."""

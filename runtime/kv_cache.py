@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from runtime.config import ModelConfig
@@ -49,3 +51,17 @@ class KVCache:
         k = self.k[layer][sel].flatten(0, 1)[start - first * bs : end - first * bs]
         v = self.v[layer][sel].flatten(0, 1)[start - first * bs : end - first * bs]
         return k, v
+
+    def move(
+        self,
+        layer: int,
+        src: torch.Tensor,
+        dst: torch.Tensor,
+        transform_k: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        """Copy slots src (N,) to dst (N,), keys through transform_k (N, kvh, d); reads before writes."""
+        k = self.k[layer].view(-1, *self.k[layer].shape[2:])
+        v = self.v[layer].view(-1, *self.v[layer].shape[2:])
+        ks, vs = k[src], v[src]  # advanced indexing copies, so src and dst may overlap
+        k[dst] = transform_k(ks).to(k.dtype) if transform_k is not None else ks
+        v[dst] = vs

@@ -8,7 +8,7 @@ from runtime.config import EngineConfig
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_cache import KVCache
 from runtime.loader import LoadedModel
-from runtime.sampler import sample
+from runtime.sampler import SampleRow, SamplerVocab, new_sampler_state, sample
 from runtime.scheduler import SampledToken, SchedulerOutput
 
 
@@ -24,23 +24,33 @@ class ModelRunner:
 
     def execute(self, sched: SchedulerOutput) -> list[SampledToken | None]:
         """Run one forward over every scheduled sequence; sample where a sequence asks for it."""
+        for m in sched.kv_moves:  # context shifts: before anything this step writes
+            src = torch.tensor(m.src, dtype=torch.int64, device=self.device)
+            dst = torch.tensor(m.dst, dtype=torch.int64, device=self.device)
+            self.model.move_kv(self.cache, src, dst, m.delta)
         if not sched.seqs:
             return []
         new_tokens, computed, tables = [], [], []
         for s in sched.seqs:
             req = s.request
             start = req.num_computed_tokens
-            new_tokens.append(req.all_token_ids[start : start + s.num_new])
+            new_tokens.append(req.token_ids[start : start + s.num_new])
             computed.append(start)
             tables.append(req.block_ids)
         batch = ForwardBatch.build(
             new_tokens, computed, tables, self.block_size, [s.sample for s in sched.seqs], self.device
         )
         logits = self.model.forward(batch, self.cache)  # (n_sampling, vocab)
-        sampling = [s for s in sched.seqs if s.sample]
-        ids, logprobs = sample(
-            logits, [s.request.params for s in sampling], [s.request.generator for s in sampling]
-        )
+        rows = []
+        for s in sched.seqs:
+            if not s.sample:
+                continue
+            req = s.request
+            if req.sampler_state is None:  # Engine.add_request builds it; lazily until then
+                vocab = SamplerVocab.from_tokenizer(self.loaded.tokenizer)
+                req.sampler_state = new_sampler_state(req.params, req.prompt_token_ids, vocab)
+            rows.append(SampleRow(req.sampler_state, req.output_token_ids, req.logits_processors))
+        ids, logprobs = sample(logits, rows)
         picked = iter(zip(ids, logprobs))
         out: list[SampledToken | None] = []
         for s in sched.seqs:

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from runtime.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from runtime.samplers.state import SamplerState
+
+# (output token ids so far, logits (V,)) -> logits (V,); runs before every sampler (constrained decoding).
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 
 class Status(enum.Enum):
@@ -27,6 +35,36 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class Timings:
+    """llama.cpp's per-request timings: prompt processing and generation, in tokens and milliseconds."""
+
+    prompt_n: int  # prompt tokens computed (cached ones excluded)
+    prompt_ms: float
+    predicted_n: int
+    predicted_ms: float
+    cache_n: int = 0  # prompt tokens reused from the prefix cache
+
+    @staticmethod
+    def _rate(n: int, ms: float) -> tuple[float, float]:
+        return (ms / n if n else 0.0), (1e3 * n / ms if ms > 0 else 0.0)
+
+    def as_dict(self) -> dict[str, float | int]:
+        p_tok, p_sec = self._rate(self.prompt_n, self.prompt_ms)
+        g_tok, g_sec = self._rate(self.predicted_n, self.predicted_ms)
+        return {
+            "cache_n": self.cache_n,
+            "prompt_n": self.prompt_n,
+            "prompt_ms": self.prompt_ms,
+            "prompt_per_token_ms": p_tok,
+            "prompt_per_second": p_sec,
+            "predicted_n": self.predicted_n,
+            "predicted_ms": self.predicted_ms,
+            "predicted_per_token_ms": g_tok,
+            "predicted_per_second": g_sec,
+        }
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     """What one step produced for one request: a delta, not the whole text."""
 
@@ -38,6 +76,10 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+    truncated: bool = False  # the context was shifted or the prompt truncated (llama.cpp's truncated)
+    text: str = ""  # new text: complete UTF-8 only, held back while it may begin a stop string
+    stop_word: str | None = None  # the stop string that ended the request, if one did
+    timings: Timings | None = None
 
 
 @dataclass
@@ -58,15 +100,39 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache at admission
     status: Status = Status.WAITING
     finish_reason: str | None = None
-    generator: torch.Generator | None = None
+    sampler_state: SamplerState | None = None  # runtime.sampler.new_sampler_state, built at admission
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    # perf_counter() stamps: first scheduled, first token sampled, latest token sampled.
+    t_scheduled: float = 0.0
+    t_first_token: float = 0.0
+    t_last_token: float = 0.0
 
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def timings(self) -> Timings:
+        first = self.t_first_token or self.t_last_token
+        prompt_ms = 1e3 * (first - self.t_scheduled) if self.t_scheduled and first else 0.0
+        predicted_ms = 1e3 * (self.t_last_token - first) if first else 0.0
+        return Timings(
+            len(self.prompt_token_ids) - self.num_cached_tokens,
+            prompt_ms,
+            len(self.output_token_ids),
+            predicted_ms,
+            self.num_cached_tokens,
+        )
+
+    def __post_init__(self) -> None:
+        # The context the KV cache holds: the prompt, then each output token, minus
+        # whatever context shifts dropped. Position i of the model is token_ids[i].
+        self.token_ids: list[int] = list(self.prompt_token_ids)
+        self.num_shifted_tokens = 0  # tokens dropped from the context by shifts (llama.cpp's truncated)
+        self.needs_shift = False  # the context is full: shift before the next step
+
+    def append_output(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.token_ids.append(token_id)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.token_ids)
 
     @property
     def num_remaining(self) -> int:

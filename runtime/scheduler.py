@@ -6,6 +6,7 @@ min(remaining, budget) tokens, so prefill chunks and decodes are one code path.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,9 +23,19 @@ class ScheduledSeq:
 
 
 @dataclass(frozen=True)
+class KVMove:
+    """Copy cache slots src -> dst before this step's forward; keys re-rotated by `delta` positions."""
+
+    src: tuple[int, ...]
+    dst: tuple[int, ...]
+    delta: int = 0
+
+
+@dataclass(frozen=True)
 class SchedulerOutput:
     seqs: tuple[ScheduledSeq, ...]
     preempted: tuple[str, ...] = ()
+    kv_moves: tuple[KVMove, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -43,8 +54,12 @@ class Scheduler:
         token_budget: int,
         max_seq_len: int,
         eog_ids: frozenset[int],
+        context_shift: bool = True,
+        n_keep_bos: int = 0,
     ) -> None:
         self.blocks = blocks
+        self.context_shift = context_shift
+        self.n_keep_bos = n_keep_bos  # llama.cpp keeps the BOS on top of n_keep when it adds one
         self.max_running = max_running
         self.token_budget = token_budget
         self.max_seq_len = max_seq_len
@@ -58,12 +73,13 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def abort(self, request_id: str) -> Request | None:
+    def abort(self, request_id: str, reason: str = "abort") -> Request | None:
+        """End a request wherever it is (aborted, or stopped by its text); its blocks are freed now."""
         for queue in (self.running, self.waiting):
             for req in queue:
                 if req.request_id == request_id:
                     queue.remove(req)
-                    self._finish(req, "abort")
+                    self._finish(req, reason)
                     return req
         return None
 
@@ -71,9 +87,12 @@ class Scheduler:
         budget = self.token_budget
         out: list[ScheduledSeq] = []
         preempted: list[str] = []
+        moves: list[KVMove] = []
         for req in list(self.running):
             if budget == 0 or req not in self.running:
                 continue
+            if req.needs_shift:
+                moves += self._shift(req)
             n = min(req.num_remaining, budget)
             while not self._reserve(req, n):
                 victim = self.running[-1]  # the latest admitted gives way
@@ -90,18 +109,19 @@ class Scheduler:
                 break
             n = min(req.num_remaining, budget)
             self.waiting.popleft()
+            req.t_scheduled = req.t_scheduled or time.perf_counter()
             req.status = Status.RUNNING
             self.running.append(req)
             out.append(ScheduledSeq(req, n, req.num_computed_tokens + n == req.num_tokens))
             budget -= n
-        return SchedulerOutput(tuple(out), tuple(preempted))
+        return SchedulerOutput(tuple(out), tuple(preempted), tuple(moves))
 
     def _admit(self, req: Request, budget: int) -> bool:
         """Give a waiting request its cached prefix and the blocks for its first chunk, or nothing."""
         bm = self.blocks
         # At least one token must be computed to get logits, so a prompt that is
         # entirely cached still recomputes its last token (in a fresh block).
-        bm.hashes(req.all_token_ids, req.block_hashes)
+        bm.hashes(req.token_ids, req.block_hashes)
         hit = bm.match_prefix(req.block_hashes[: (req.num_tokens - 1) // bm.block_size])
         start = len(hit) * bm.block_size
         n = min(req.num_tokens - start, budget)
@@ -118,12 +138,75 @@ class Scheduler:
             bm.query_tokens += len(req.prompt_token_ids)
         return True
 
+    def _shift(self, req: Request) -> list[KVMove]:
+        """llama.cpp's context shift: keep n_keep tokens, drop half of the rest, slide the tail down.
+
+        The kept tail moves into fresh blocks (copy-on-write: the old ones may be
+        shared or cached) with its keys re-rotated; when the pool has no room for
+        the copy, the shortened context is recomputed instead.
+        """
+        bm, bs = self.blocks, self.blocks.block_size
+        n_past = req.num_computed_tokens
+        n_keep, n_discard = self._drop_tokens(req)
+        new_len = n_past - n_discard
+        j0 = n_keep // bs  # blocks before j0 hold only kept, unmoved tokens
+        old = req.block_ids
+        req.num_registered_blocks = min(req.num_registered_blocks, j0)
+        need = bm.blocks_needed(new_len, j0)
+        if need > bm.num_free:
+            bm.free(old)
+            req.block_ids, req.num_computed_tokens, req.num_registered_blocks = [], 0, 0
+            return []
+        new = bm.allocate(need)
+        req.block_ids = old[:j0] + new
+        req.num_computed_tokens = new_len
+
+        def slot(blocks: list[int], first: int, p: int) -> int:
+            return blocks[p // bs - first] * bs + p % bs
+
+        # The moves read the old blocks before anything this step writes, so they can be freed now.
+        copy = KVMove(
+            tuple(slot(old, 0, p) for p in range(j0 * bs, n_keep)),
+            tuple(slot(new, j0, p) for p in range(j0 * bs, n_keep)),
+        )
+        slide = KVMove(
+            tuple(slot(old, 0, p + n_discard) for p in range(n_keep, new_len)),
+            tuple(slot(new, j0, p) for p in range(n_keep, new_len)),
+            -n_discard,
+        )
+        bm.free(old[j0:])
+        return [m for m in (copy, slide) if m.src]
+
+    def _drop_tokens(self, req: Request) -> tuple[int, int]:
+        """Remove the discarded span from the request's context; -> (n_keep, n_discard)."""
+        req.needs_shift = False
+        n_keep = self._n_keep(req)
+        n_left = req.num_computed_tokens - n_keep
+        n_discard = min(req.params.n_discard or n_left // 2, n_left)
+        req.token_ids[n_keep : n_keep + n_discard] = []
+        req.num_shifted_tokens += n_discard
+        req.block_hashes[n_keep // self.blocks.block_size :] = []
+        return n_keep, n_discard
+
+    def _n_keep(self, req: Request) -> int:
+        n_keep = req.params.n_keep
+        if n_keep is None:
+            n_keep = 0
+        elif n_keep < 0:
+            return min(len(req.prompt_token_ids), req.num_computed_tokens)
+        return min(n_keep + self.n_keep_bos, req.num_computed_tokens)
+
+    def _can_shift(self, req: Request) -> bool:
+        return self.context_shift and req.num_computed_tokens - self._n_keep(req) >= 2
+
     def _register(self, req: Request) -> None:
         """Name the blocks this step filled, so later requests can share them."""
         full = req.num_computed_tokens // self.blocks.block_size
-        if full <= req.num_registered_blocks:
+        # Re-rotated keys are close to, not equal to, freshly computed ones: a shifted
+        # context stays out of the prefix cache.
+        if full <= req.num_registered_blocks or req.num_shifted_tokens:
             return
-        self.blocks.hashes(req.all_token_ids, req.block_hashes)
+        self.blocks.hashes(req.token_ids, req.block_hashes)
         for j in range(req.num_registered_blocks, full):
             self.blocks.cache(req.block_ids[j], req.block_hashes[j])
         req.num_registered_blocks = full
@@ -137,6 +220,8 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         """Free its blocks and requeue it at the front; it recomputes from scratch later."""
+        if req.needs_shift:  # shift the tokens now: the recompute does the rest
+            self._drop_tokens(req)
         self.running.remove(req)
         self.blocks.free(req.block_ids)
         req.block_ids = []
@@ -163,7 +248,9 @@ class Scheduler:
                 new: tuple[int, ...] = ()
                 reason: str | None = "length"
             else:
-                req.output_token_ids.append(tok.token_id)
+                req.append_output(tok.token_id)
+                req.t_last_token = time.perf_counter()
+                req.t_first_token = req.t_first_token or req.t_last_token
                 new, reason = (tok.token_id,), self._stop_reason(req, tok.token_id)
             if reason:
                 self.running.remove(req)
@@ -178,6 +265,8 @@ class Scheduler:
                     num_prompt_tokens=len(req.prompt_token_ids),
                     num_output_tokens=len(req.output_token_ids),
                     num_cached_tokens=req.num_cached_tokens,
+                    truncated=req.num_shifted_tokens > 0,
+                    timings=req.timings(),
                 )
             )
         return outputs
@@ -186,8 +275,12 @@ class Scheduler:
         if token in self.eog_ids and not req.params.ignore_eos:
             return "stop"
         n_predict = req.params.n_predict
-        if 0 <= n_predict <= len(req.output_token_ids) or req.num_tokens >= self.max_seq_len:
+        if 0 <= n_predict <= len(req.output_token_ids):
             return "length"
+        if req.num_tokens >= self.max_seq_len:
+            if not self._can_shift(req):
+                return "length"
+            req.needs_shift = True
         return None
 
     def _finish(self, req: Request, reason: str) -> None:

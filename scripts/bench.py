@@ -28,6 +28,46 @@ def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def serve(engine: Engine, prompt, clients: int, n_out: int, n_prompt: int) -> dict:
+    """`clients` concurrent streams through AsyncEngine, as a server would run them.
+
+    Each client sends one request (a fresh random prompt, so no prefix hits);
+    reports aggregate generated tok/s, mean time to first token and mean
+    inter-token latency.
+    """
+    import asyncio
+
+    from runtime.async_engine import AsyncEngine
+
+    params = SamplingParams(temperature=0.0, n_predict=n_out, ignore_eos=True)
+    ae = AsyncEngine(engine)
+    ae.start()
+
+    async def client(p: list[int]) -> tuple[float, list[float]]:
+        t0 = time.perf_counter()
+        stamps = []
+        async for o in ae.generate(p, params):
+            stamps += [time.perf_counter()] * len(o.new_token_ids)
+        return stamps[0] - t0, [b - a for a, b in zip(stamps, stamps[1:])]
+
+    async def run() -> dict:
+        ps = [prompt(n_prompt) for _ in range(clients)]
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(client(p) for p in ps))
+        wall = time.perf_counter() - t0
+        itl = [x for _, gaps in res for x in gaps]
+        return {
+            "tok_s": round(clients * n_out / wall, 1),
+            "ttft_ms": round(1e3 * sum(t for t, _ in res) / clients, 1),
+            "itl_ms": round(1e3 * sum(itl) / max(1, len(itl)), 1),
+        }
+
+    try:
+        return asyncio.run(run())
+    finally:
+        ae.shutdown()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("-m", "--model", help="GGUF file (default: the bundled model)")
@@ -37,6 +77,11 @@ def main() -> int:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=1, help="parallel decode streams")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--clients", type=lambda v: [int(x) for x in v.split(",") if x], default=[1, 8, 32],
+        help="concurrency levels of the served run (comma-separated; empty to skip)",
+    )
+    ap.add_argument("--prompt-tokens-served", type=int, default=64)
     args = ap.parse_args()
 
     from runtime.default_model import default_model_path
@@ -44,10 +89,11 @@ def main() -> int:
     path = args.model or str(default_model_path())
     rss0 = rss_mb()
     t0 = time.perf_counter()
-    n_ctx = max(4096, (args.prompt_tokens + args.decode_tokens + 16) * max(1, args.concurrency))
+    most = max([args.concurrency, *args.clients])
+    n_ctx = max(4096, (max(args.prompt_tokens, args.prompt_tokens_served) + args.decode_tokens + 16) * most)
     cfg = EngineConfig(
         model_path=path, dtype=args.dtype, n_threads=args.threads, n_ctx=n_ctx,
-        n_parallel=max(1, args.concurrency), n_batch=max(2048, args.prompt_tokens),
+        n_parallel=most, n_batch=max(2048, args.prompt_tokens),
     )
     engine = Engine(cfg)
     load_s = time.perf_counter() - t0
@@ -75,6 +121,9 @@ def main() -> int:
         while engine.has_unfinished():
             n += sum(len(o.new_token_ids) for o in engine.step())
         tg.append(n / (time.perf_counter() - t))
+    served = {}
+    for c in args.clients:
+        served[f"c{c}"] = serve(engine, prompt, c, args.decode_tokens, args.prompt_tokens_served)
     result = {
         "model": Path(path).name,
         "dtype": args.dtype,
@@ -85,6 +134,7 @@ def main() -> int:
         "rss_mb": round(rss_mb(), 1),
         "rss_model_mb": round(rss_mb() - rss0, 1),
         "kv_cache_mb": round(engine.runner.cache.nbytes / 2**20, 1),
+        "served": served,
     }
     print(json.dumps(result))
     return 0

@@ -157,3 +157,62 @@ def test_n_predict_zero_evaluates_the_prompt_and_generates_nothing():
     _, res = step(s)
     assert [(o.new_token_ids, o.finished, o.finish_reason) for o in res] == [((), True, "length")]
     assert r.output_token_ids == [] and bm.num_free == 16 and bm.num_cached == 1
+
+
+class _Params:
+    """SamplingParams stand-in carrying the context-shift fields."""
+
+    def __init__(self, n_predict, n_keep=None, n_discard=0):
+        self.n_predict, self.n_keep, self.n_discard = n_predict, n_keep, n_discard
+        self.ignore_eos = True
+
+
+def test_context_shift_keeps_n_keep_drops_half_and_moves_the_tail():
+    bm = BlockManager(16, 4)
+    s = Scheduler(bm, 2, 100, 16, frozenset({EOS}), context_shift=True, n_keep_bos=1)
+    r = Request("a", list(range(1, 15)), _Params(n_predict=10, n_keep=2))
+    s.add(r)
+    step(s)  # 14 prompt tokens computed in blocks 0-3, one sampled: 15 tokens
+    step(s)  # 15 computed, 16 tokens: the context (16) is full
+    assert r.needs_shift and r.block_ids == [0, 1, 2, 3]
+    out, _ = step(s)
+    # n_keep = 2 + BOS = 3; n_past 15 -> n_discard (15-3)//2 = 6: tokens 4-9 dropped, then
+    # this step decodes one more (7).
+    assert r.token_ids == [1, 2, 3, 10, 11, 12, 13, 14, 7, 7, 7] and r.num_shifted_tokens == 6
+    # Block 0 holds kept tokens 0-2 and moved ones: it is rewritten into a fresh block too.
+    copy, slide = out.kv_moves
+    assert r.block_ids == [4, 5, 6]  # old 0-3 freed after the copy is scheduled
+    assert (copy.src, copy.dst, copy.delta) == ((0, 1, 2), (16, 17, 18), 0)
+    assert slide.src == (9, 10, 11, 12, 13, 14) and slide.dst == (19, 20, 21, 22, 23, 24)
+    assert slide.delta == -6
+    assert [(q.num_new, q.sample) for q in out.seqs] == [(1, True)]
+    assert r.num_computed_tokens == 10
+
+
+def test_context_shift_off_or_impossible_stops_with_length():
+    bm = BlockManager(16, 4)
+    s = Scheduler(bm, 2, 100, 8, frozenset({EOS}), context_shift=False)
+    r = Request("a", list(range(1, 7)), _Params(n_predict=10))
+    s.add(r)
+    step(s)
+    _, res = step(s)
+    assert res[-1].finish_reason == "length" and bm.num_free == 16
+    s2 = Scheduler(bm, 2, 100, 8, frozenset({EOS}), context_shift=True)
+    r2 = Request("b", list(range(1, 7)), _Params(n_predict=10, n_keep=-1))  # keep the whole prompt
+    s2.add(r2)
+    step(s2)
+    _, res = step(s2)
+    assert res[-1].finish_reason == "length"
+
+
+def test_context_shift_without_room_recomputes():
+    bm = BlockManager(5, 4)  # 4 blocks in use at the shift, 1 free: too few for the copy
+    s = Scheduler(bm, 1, 100, 16, frozenset({EOS}), context_shift=True)
+    r = Request("a", list(range(1, 15)), _Params(n_predict=10))
+    s.add(r)
+    step(s)
+    step(s)
+    out, _ = step(s)
+    assert out.kv_moves == () and r.num_shifted_tokens == 7
+    assert [(q.num_new, q.sample) for q in out.seqs] == [(9, True)]  # the shortened context, recomputed
+    assert len(r.block_ids) == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -137,6 +138,21 @@ class Transformer:
             logits = c.final_softcap * torch.tanh(logits / c.final_softcap)
         return logits
 
+    @torch.inference_mode()
+    def move_kv(self, cache: KVCache, src: torch.Tensor, dst: torch.Tensor, delta: int) -> None:
+        """Move cached tokens to new slots, re-rotating their keys by `delta` positions (context shift).
+
+        A key stored at position p is R(p) k; R(p + delta) k = R(delta) R(p) k, so
+        rotating the stored key by delta gives the key the token would have had there.
+        """
+        for i in range(self.cfg.n_layers):
+            rot = self.rotary_local if self.cfg.is_sliding(i) else self.rotary
+            if delta:
+                cos, sin = rot.cos_sin(torch.full((src.numel(),), delta, device=src.device))
+                cache.move(i, src, dst, partial(_rotate, rot, cos, sin))
+            else:
+                cache.move(i, src, dst)
+
     def _attention(
         self,
         i: int,
@@ -160,6 +176,10 @@ class Transformer:
         k = rot.apply(k, *cos_sin)
         o = paged_attention(q, k, v, cache, i, batch, c.scale, window, c.attn_softcap)
         return layer.o(o.reshape(t, c.n_heads * c.v_head_dim))
+
+
+def _rotate(rot: Rotary, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    return rot.apply(k, cos, sin)
 
 
 def default_attn_scale(head_dim: int) -> float:

@@ -1,0 +1,200 @@
+"""The asyncio face of the Engine: its step loop runs in a thread; each request's deltas reach an asyncio queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from runtime.engine import Engine, EngineStats
+from runtime.errors import EngineError
+from runtime.request import RequestOutput
+from runtime.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+
+
+class AsyncEngine:
+    """Owns the engine thread. Only that thread touches the Engine; callers send it commands.
+
+    The asyncio loop never waits on a forward: commands go through a thread-safe
+    queue, outputs come back with `loop.call_soon_threadsafe`.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._running = False
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._running = True
+            self._thread = threading.Thread(target=self._loop, name="gguf-serve-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop after its current step; requests still in flight end with an EngineError."""
+        self._running = False
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        for rid in list(self._streams):
+            self._fail(rid, EngineError("the server is shutting down"))
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the asyncio side ------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's deltas until it finishes; leaving early (cancel, disconnect) aborts it.
+
+        Invalid requests raise here (InvalidRequestError) before anything is yielded.
+        """
+        if not self.is_running:
+            raise EngineError("the engine is not running")
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        added: asyncio.Future[str] = loop.create_future()
+
+        def add() -> None:
+            try:
+                rid = self.engine.add_request(prompt_token_ids, params, request_id=request_id, **kwargs)
+            except BaseException as e:  # reported to the caller, the loop goes on
+                loop.call_soon_threadsafe(_set_exception, added, e)
+                return
+            self._streams[rid] = _Stream(loop, out)
+            loop.call_soon_threadsafe(_set_result, added, rid)
+
+        self._submit(add)
+        rid = await added
+        finished = False
+        try:
+            while True:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        """Abort from any thread; the request's blocks are freed before the next step."""
+
+        def do() -> None:
+            self.engine.abort(request_id)
+            self._streams.pop(request_id, None)
+
+        self._submit(do)
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's counters (plain reads; consistent enough for metrics)."""
+        return self.engine.stats()
+
+    async def call(self, fn: Callable[[Engine], Any]) -> Any:
+        """Run fn(engine) on the engine thread between steps (slot save/restore, cache reset...)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+
+        def do() -> None:
+            try:
+                r = fn(self.engine)
+            except BaseException as e:
+                loop.call_soon_threadsafe(_set_exception, fut, e)
+            else:
+                loop.call_soon_threadsafe(_set_result, fut, r)
+
+        self._submit(do)
+        return await fut
+
+    # -- the engine thread -----------------------------------------------------------------
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while self._running:
+            self._drain()
+            if not self.engine.has_unfinished():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a failed forward must not take the server down
+                log.exception("engine step failed; failing the requests in flight")
+                self._fail_all(EngineError(f"generation failed: {type(e).__name__}: {e}"))
+                continue
+            for o in outputs:
+                stream = self._streams.get(o.request_id)
+                if stream is None:
+                    continue
+                if o.finished:
+                    del self._streams[o.request_id]
+                _deliver(stream, o)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            command()
+
+    def _fail(self, rid: str, err: BaseException) -> None:
+        stream = self._streams.pop(rid, None)
+        if stream is not None:
+            _deliver(stream, err)
+
+    def _fail_all(self, err: BaseException) -> None:
+        for rid in list(self._streams):
+            self.engine.abort(rid)
+            self._fail(rid, err)
+        for rid in self.engine.unfinished_ids():  # requests with no stream (added directly)
+            self.engine.abort(rid)
+
+
+def _deliver(stream: _Stream, item: RequestOutput | BaseException) -> None:
+    try:
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+    except RuntimeError:  # the caller's loop is closed: nobody is listening
+        pass
+
+
+def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future[Any], err: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(err)
