@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from runtime.config import ModelConfig
-from runtime.errors import GGUFError
+from runtime.errors import GGUFError, UnsupportedModelError
 from runtime.gguf.quants import dequantize
-from runtime.gguf.reader import GGUFFile
+from runtime.gguf.reader import GGUFFile, _short, printable
 from runtime.models import model_config
 from runtime.models.transformer import Transformer
 from runtime.tokenizer import Tokenizer
@@ -36,7 +36,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     t0 = time.perf_counter()
     f = GGUFFile(path)
     cfg = model_config(f)
-    tokenizer = Tokenizer.from_metadata(f.metadata)
+    try:
+        tokenizer = Tokenizer.from_metadata(f.metadata)
+    except GGUFError:
+        raise
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+        # Missing or ill-typed tokenizer.* keys: a broken file, reported in one line.
+        raise GGUFError(f"{path}: unusable tokenizer metadata ({_short(e)})") from e
     if tokenizer.vocab_size != cfg.vocab_size:
         raise GGUFError(
             f"vocabulary has {tokenizer.vocab_size} tokens but token_embd.weight has {cfg.vocab_size} rows"
@@ -51,14 +57,21 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         used.add(name)
         # Norm weights stay float32: rms_norm multiplies in float32 anyway.
         out_dtype = torch.float32 if name.endswith("norm.weight") else dtype
-        return dequantize(t.data, t.qtype, shape, dtype=out_dtype, device=dev)
+        try:
+            return dequantize(t.data, t.qtype, shape, dtype=out_dtype, device=dev)
+        except GGUFError:
+            raise
+        except (NotImplementedError, KeyError, ValueError) as e:
+            raise UnsupportedModelError(
+                f"tensor {name}: type {t.qtype.name} is not supported ({_short(e)})"
+            ) from e
 
     model = Transformer(cfg, get, dev)
     ignored = {"rope_freqs.weight"}  # read into the config
     unknown = sorted(set(f.tensors) - used - ignored)
     if unknown:
         raise GGUFError(
-            f"{cfg.arch}: {len(unknown)} tensors this architecture does not use, e.g. {unknown[0]}"
+            f"{cfg.arch}: {len(unknown)} tensors this architecture does not use, e.g. {printable(unknown[0])}"
         )
     return LoadedModel(
         Path(path), f, cfg, model, tokenizer, dtype, dev, time.perf_counter() - t0

@@ -6,12 +6,15 @@ import dataclasses
 import math
 
 from runtime.config import Metadata, ModelConfig, RopeConfig
+from runtime.errors import GGUFError
 from runtime.gguf.reader import GGUFFile
 from runtime.models.registry import common_fields, register
 
 
 def _gemma_fields(f: GGUFFile, md: Metadata, pattern: int, big_layers: int) -> dict:
     fields = common_fields(f, neox=True)
+    if pattern <= 0:
+        raise GGUFError(f"{md.arch}: absurd metadata: sliding_window_pattern={pattern}")
     n_layers, hidden, heads = fields["n_layers"], fields["hidden"], fields["n_heads"]
     # llama.cpp: layer i uses the sliding window unless it closes a group of `pattern`
     sliding = tuple(i % pattern < pattern - 1 for i in range(n_layers))

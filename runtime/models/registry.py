@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from runtime.config import Metadata, ModelConfig, RopeConfig
+from runtime.config import _MAX_LAYERS, Metadata, ModelConfig, RopeConfig
 from runtime.errors import GGUFError, UnsupportedModelError
-from runtime.gguf.reader import GGUFFile
+from runtime.gguf.reader import GGUFFile, printable
 
 ConfigBuilder = Callable[[GGUFFile], ModelConfig]
 ARCHITECTURES: dict[str, ConfigBuilder] = {}
@@ -29,7 +29,7 @@ def model_config(f: GGUFFile) -> ModelConfig:
     builder = ARCHITECTURES.get(arch)
     if builder is None:
         raise UnsupportedModelError(
-            f"unsupported architecture {arch!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
+            f"unsupported architecture {printable(arch)!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
         )
     return builder(f)
 
@@ -39,15 +39,19 @@ def common_fields(f: GGUFFile, *, neox: bool) -> dict[str, Any]:
     md = Metadata(f.metadata, f.architecture)
     hidden = md.int("embedding_length")
     n_heads = md.int("attention.head_count")
-    if n_heads <= 0 or hidden % n_heads:
+    if n_heads <= 0 or hidden <= 0 or hidden % n_heads:
         raise GGUFError(f"{md.arch}: absurd metadata: head_count={n_heads} for embedding_length={hidden}")
     head_dim = md.int("attention.key_length", hidden // n_heads)
+    n_layers = md.int("block_count")
+    # Checked here as well as in ModelConfig: builders make per-layer tuples before that.
+    if not 0 < n_layers <= _MAX_LAYERS:
+        raise GGUFError(f"{md.arch}: absurd metadata: block_count={n_layers}")
     embd = f.tensor("token_embd.weight")
     if len(embd.shape) != 2 or embd.shape[1] != hidden:
         raise GGUFError(f"token_embd.weight has shape {embd.shape}, expected (vocab, {hidden})")
     return dict(
         arch=md.arch,
-        n_layers=md.int("block_count"),
+        n_layers=n_layers,
         hidden=hidden,
         n_heads=n_heads,
         n_kv_heads=md.int("attention.head_count_kv", n_heads),
@@ -67,13 +71,19 @@ def rope_config(f: GGUFFile, md: Metadata, base: float, head_dim: int, neox: boo
     kind = md.str("rope.scaling.type", "none")
     factor = md.float("rope.scaling.factor", 0.0)
     if kind not in ("none", "linear", ""):
-        raise UnsupportedModelError(f"{md.arch}: rope scaling {kind!r} is not supported yet")
+        raise UnsupportedModelError(f"{md.arch}: rope scaling {printable(kind)!r} is not supported yet")
     factors = None
     if "rope_freqs.weight" in f.tensors:
         t = f.tensor("rope_freqs.weight")
         if t.qtype.name != "F32":
             raise GGUFError(f"rope_freqs.weight should be F32, is {t.qtype.name}")
         factors = tuple(float(x) for x in np.frombuffer(t.data, dtype=np.float32))
+        dim = md.int("rope.dimension_count", head_dim)
+        # llama.cpp divides each frequency by its factor: one finite, positive value per pair
+        if not factors or len(factors) != dim // 2 or not all(np.isfinite(factors)) or min(factors) <= 0:
+            raise GGUFError(
+                f"rope_freqs.weight should hold {dim // 2} positive factors, has {len(factors)} values"
+            )
     return RopeConfig(
         base=base,
         dim=md.int("rope.dimension_count", head_dim),
