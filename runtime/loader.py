@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from runtime.config import ModelConfig
-from runtime.errors import GGUFError, UnsupportedModelError
+from runtime.errors import GGUFError
 from runtime.gguf.quants import dequantize
 from runtime.gguf.reader import GGUFFile, _short, printable
 from runtime.models import model_config
@@ -59,12 +59,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         out_dtype = torch.float32 if name.endswith("norm.weight") else dtype
         try:
             return dequantize(t.data, t.qtype, shape, dtype=out_dtype, device=dev)
-        except GGUFError:
-            raise
-        except (NotImplementedError, KeyError, ValueError) as e:
-            raise UnsupportedModelError(
-                f"tensor {name}: type {t.qtype.name} is not supported ({_short(e)})"
-            ) from e
+        except GGUFError as e:  # name the tensor: the type or size is the file's problem
+            raise type(e)(f"tensor {printable(name)}: {e}") from e
 
     model = Transformer(cfg, get, dev)
     ignored = {"rope_freqs.weight"}  # read into the config

@@ -48,9 +48,9 @@ def alone(loaded):
 @pytest.mark.parametrize(
     "kw",
     [
-        dict(),  # everything in one batch, prefix hits for the shared half
-        dict(n_batch=40),  # chunked prefill: long prompts take several steps beside decodes
-        dict(n_ctx=640, n_batch=64, n_parallel=8),  # a tight pool: preemption and recompute
+        dict(),  # everything in one batch (blocks are named only once computed: no hits)
+        dict(n_batch=40),  # chunked prefill beside decodes; later prompts hit the shared prefix
+        dict(n_ctx=256, n_batch=64, n_parallel=8),  # a tight pool: preemption and recompute
     ],
     ids=["batched", "chunked", "preempting"],
 )
@@ -59,7 +59,7 @@ def test_concurrent_equals_alone(loaded, alone, kw):
     together = e.generate(prompts(loaded), GREEDY)
     assert together == alone
     st = e.stats()
-    assert st.prefix_cache_hit_tokens > 0
+    assert (st.prefix_cache_hit_tokens > 0) == bool(kw)
     assert e.num_free_blocks == e.blocks.num_blocks and st.requests_processing == 0
     if "n_ctx" in kw:
         assert st.preemptions_total > 0
