@@ -73,8 +73,15 @@ class Engine:
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
         request_id: str | None = None,
+        id_slot: int = -1,
     ) -> str:
-        """Queue a prompt; raises InvalidRequestError (nothing queued) when it cannot run."""
+        """Queue a prompt; raises InvalidRequestError (nothing queued) when it cannot run.
+
+        id_slot pins the request to one of the n_parallel slots (it waits for that
+        slot); -1 takes whichever is idle first.
+        """
+        if isinstance(id_slot, bool) or not isinstance(id_slot, int) or not -1 <= id_slot < self.cfg.n_parallel:
+            raise InvalidRequestError(f"id_slot must be -1 or in [0, {self.cfg.n_parallel}), got {id_slot!r}")
         ids = [int(t) for t in prompt_token_ids]
         if not ids:
             raise InvalidRequestError("the prompt is empty")
@@ -89,7 +96,7 @@ class Engine:
         if rid in self.requests:
             raise InvalidRequestError(f"request id {rid!r} is already in use")
         state = new_sampler_state(params, ids, self.sampler_vocab)  # validates ids in logit_bias etc.
-        req = Request(rid, ids, params, sampler_state=state)
+        req = Request(rid, ids, params, sampler_state=state, id_slot=id_slot)
         req.num_shifted_tokens = truncated
         self._text[rid] = StopChecker(self.tokenizer, params.stop)
         self.requests[rid] = req

@@ -76,6 +76,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+    slot_id: int = -1  # the slot that ran it (llama.cpp's id_slot)
     truncated: bool = False  # the context was shifted or the prompt truncated (llama.cpp's truncated)
     text: str = ""  # new text: complete UTF-8 only, held back while it may begin a stop string
     stop_word: str | None = None  # the stop string that ended the request, if one did
@@ -99,6 +100,7 @@ class Request:
     num_registered_blocks: int = 0
     num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache at admission
     status: Status = Status.WAITING
+    id_slot: int = -1  # a slot asked for by the caller; -1: any idle slot
     finish_reason: str | None = None
     sampler_state: SamplerState | None = None  # runtime.sampler.new_sampler_state, built at admission
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
@@ -125,6 +127,7 @@ class Request:
         self.token_ids: list[int] = list(self.prompt_token_ids)
         self.num_shifted_tokens = 0  # tokens dropped from the context by shifts (llama.cpp's truncated)
         self.needs_shift = False  # the context is full: shift before the next step
+        self.slot_id = -1  # the slot it runs in (llama.cpp's id_slot), -1 while waiting
 
     def append_output(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

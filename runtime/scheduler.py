@@ -65,6 +65,7 @@ class Scheduler:
         self.max_seq_len = max_seq_len
         self.eog_ids = eog_ids
         self.waiting: deque[Request] = deque()
+        self.free_slots = set(range(max_running))  # llama.cpp's slots: the identity /slots shows
         self.running: list[Request] = []
 
     def add(self, req: Request) -> None:
@@ -103,12 +104,15 @@ class Scheduler:
             if req in self.running:
                 out.append(ScheduledSeq(req, n, req.num_computed_tokens + n == req.num_tokens))
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_running and not preempted:
-            req = self.waiting[0]
-            if not self._admit(req, budget):
+        while budget > 0 and self.free_slots and not preempted:
+            # First come, first served, except that a request pinned to a busy slot waits for it.
+            req = next((r for r in self.waiting if r.id_slot < 0 or r.id_slot in self.free_slots), None)
+            if req is None or not self._admit(req, budget):
                 break
             n = min(req.num_remaining, budget)
-            self.waiting.popleft()
+            self.waiting.remove(req)
+            req.slot_id = req.id_slot if req.id_slot >= 0 else min(self.free_slots)
+            self.free_slots.remove(req.slot_id)
             req.t_scheduled = req.t_scheduled or time.perf_counter()
             req.status = Status.RUNNING
             self.running.append(req)
@@ -223,6 +227,7 @@ class Scheduler:
         if req.needs_shift:  # shift the tokens now: the recompute does the rest
             self._drop_tokens(req)
         self.running.remove(req)
+        self._release_slot(req)
         self.blocks.free(req.block_ids)
         req.block_ids = []
         req.num_computed_tokens = 0
@@ -252,6 +257,7 @@ class Scheduler:
                 req.t_last_token = time.perf_counter()
                 req.t_first_token = req.t_first_token or req.t_last_token
                 new, reason = (tok.token_id,), self._stop_reason(req, tok.token_id)
+            slot = req.slot_id
             if reason:
                 self.running.remove(req)
                 self._finish(req, reason)
@@ -265,6 +271,7 @@ class Scheduler:
                     num_prompt_tokens=len(req.prompt_token_ids),
                     num_output_tokens=len(req.output_token_ids),
                     num_cached_tokens=req.num_cached_tokens,
+                    slot_id=slot,
                     truncated=req.num_shifted_tokens > 0,
                     timings=req.timings(),
                 )
@@ -283,7 +290,13 @@ class Scheduler:
             req.needs_shift = True
         return None
 
+    def _release_slot(self, req: Request) -> None:
+        if req.slot_id >= 0:
+            self.free_slots.add(req.slot_id)
+            req.slot_id = -1
+
     def _finish(self, req: Request, reason: str) -> None:
+        self._release_slot(req)
         self.blocks.free(req.block_ids)
         req.block_ids = []
         req.status = Status.FINISHED

@@ -216,3 +216,25 @@ def test_context_shift_without_room_recomputes():
     assert out.kv_moves == () and r.num_shifted_tokens == 7
     assert [(q.num_new, q.sample) for q in out.seqs] == [(9, True)]  # the shortened context, recomputed
     assert len(r.block_ids) == 3
+
+
+def test_slots_are_the_lowest_idle_ids_and_id_slot_waits_for_its_own():
+    bm, s = make(max_running=3, budget=100)
+    a, b = req("a", 2, n_predict=5), req("b", 2, n_predict=1)
+    s.add(a)
+    s.add(b)
+    step(s)  # b finishes at once, freeing slot 1
+    assert a.slot_id == 0 and b.slot_id == -1 and s.free_slots == {1, 2}
+    c = Request("c", [1, 2], SamplingParams(temperature=0, n_predict=2), id_slot=0)  # a holds slot 0
+    d = req("d", 2, n_predict=1)
+    s.add(c)
+    s.add(d)
+    out, res = step(s)
+    assert [q.request.request_id for q in out.seqs] == ["a", "d"] and d.slot_id == -1
+    assert [o.slot_id for o in res if o.request_id == "d"] == [1]
+    c_slots = []
+    while s.has_unfinished():
+        assert c.status is Status.WAITING or a.status is Status.FINISHED
+        _, res = step(s)
+        c_slots += [o.slot_id for o in res if o.request_id == "c"]
+    assert c_slots == [0, 0] and s.free_slots == {0, 1, 2}
