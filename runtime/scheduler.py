@@ -106,9 +106,10 @@ class Scheduler:
                 budget -= n
         while budget > 0 and self.free_slots and not preempted:
             # First come, first served, except that a request pinned to a busy slot waits for it.
-            req = next((r for r in self.waiting if r.id_slot < 0 or r.id_slot in self.free_slots), None)
-            if req is None or not self._admit(req, budget):
+            nxt = next((r for r in self.waiting if r.id_slot < 0 or r.id_slot in self.free_slots), None)
+            if nxt is None or not self._admit(nxt, budget):
                 break
+            req = nxt
             n = min(req.num_remaining, budget)
             self.waiting.remove(req)
             req.slot_id = req.id_slot if req.id_slot >= 0 else min(self.free_slots)
