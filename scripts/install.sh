@@ -14,9 +14,11 @@ _install_torch() {
     if "$py" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null; then
         return 0
     fi
-    # 1. A local wheel (these machines keep the CPU build in pip's find-links).
-    if "$py" -m pip install -q --no-index "torch==$TORCH_VERSION" 2>/dev/null; then
-        _log "torch $TORCH_VERSION from a local wheel"; return 0
+    # 1. A local wheel (these machines keep the CPU build in pip's find-links): torch itself
+    #    from disk, then its small dependencies from the index (torch is already satisfied).
+    if "$py" -m pip install -q --no-index --no-deps "torch==$TORCH_VERSION" 2>/dev/null; then
+        _log "torch $TORCH_VERSION from a local wheel"
+        "$py" -m pip install -q "torch==$TORCH_VERSION"; return
     fi
     # 2. With an NVIDIA GPU, the registry's default (CUDA) build is what we want.
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
