@@ -46,7 +46,7 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @pytest.mark.parametrize("qt", list(REGISTRY), ids=lambda t: t.name)
-@pytest.mark.parametrize("n_blocks,rows", [(1, 1), (48, 3), (96, 96)])
+@pytest.mark.parametrize("n_blocks,rows", [(1, 1), (6, 3), (48, 3), (96, 96)])
 def test_bit_identical_to_gguf(qt, n_blocks, rows):
     bs, _ = GGML_QUANT_SIZES[qt]
     raw = random_tensor(qt, n_blocks, seed=n_blocks)

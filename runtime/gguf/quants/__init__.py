@@ -23,6 +23,7 @@ CHUNK_ELEMENTS = 1 << 22
 
 
 def quant_type(qtype: GGMLQuantizationType | int) -> QuantType:
+    """The implementation of `qtype`; UnsupportedModelError (one line) if there is none."""
     try:
         return REGISTRY[GGMLQuantizationType(qtype)]
     except (KeyError, ValueError):

@@ -78,7 +78,7 @@ class Q6_K(QuantType, qtype=T.Q6_K):
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
         ql, qh = blocks[:, :128], blocks[:, 128:192]
-        scales = blocks[:, 192:208].contiguous().view(torch.int8).float()
+        scales = blocks[:, 192:208].view(torch.int8).float()  # (n, 16)
         d = f16(blocks[:, 208:210])
         dl = (d * scales).view(n, 16, 1)
         low = nibbles(ql.reshape(n, 2, 64)).reshape(n, 8, 32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType as T
 
-from runtime.gguf.quants.base import QuantType, bits, f16, nibbles
+from runtime.gguf.quants.base import QuantType, f16, nibbles
 
 
 def _low4(qs: torch.Tensor) -> torch.Tensor:
@@ -15,7 +15,9 @@ def _low4(qs: torch.Tensor) -> torch.Tensor:
 
 def _high_bit(qh: torch.Tensor) -> torch.Tensor:
     """(n, 4) bytes of a little-endian uint32 -> (n, 32): bit j of it, as the 5th bit of element j."""
-    return bits(qh, 1, 8).transpose(1, 2).reshape(qh.shape[0], 32) << 4
+    # Shifting (n, 4, 1) by (8,) gives (n, 4, 8) = bit 8k+i at [k, i]: already in element order.
+    shifts = torch.arange(8, dtype=torch.uint8, device=qh.device)
+    return (((qh.unsqueeze(-1) >> shifts) & 1) << 4).reshape(qh.shape[0], 32)
 
 
 class Q4_0(QuantType, qtype=T.Q4_0):
@@ -45,5 +47,6 @@ class Q5_1(QuantType, qtype=T.Q5_1):
 
 class Q8_0(QuantType, qtype=T.Q8_0):
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        d, x = f16(blocks[:, :2]), blocks[:, 2:].contiguous().view(torch.int8)
+        # Same item size: a strided view, no copy.  (n, 32) int8
+        d, x = f16(blocks[:, :2]), blocks[:, 2:].view(torch.int8)
         return x.float() * d
