@@ -1,192 +1,320 @@
-"""Chat messages -> prompt text with the model's jinja template in a sandbox, or a named built-in, as llama.cpp renders them."""
+"""Chat messages rendered to a prompt string the way llama.cpp's server applies a model's chat template."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
-import jinja2
-from jinja2.ext import loopcontrols
+from jinja2 import Template, TemplateError, TemplateSyntaxError, nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from runtime.chat_templates_builtin import BUILTIN_SOURCES
 from runtime.errors import GGUFError, InvalidRequestError
 
-# llama.cpp's built-in templates by their --chat-template names (src/llama-chat.cpp),
-# written as jinja so that every template takes the same path.
-BUILTIN: dict[str, str] = {
-    "chatml": (
-        "{%- for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{% endfor %}"
-        "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    ),
-    "llama3": (
-        "{%- for m in messages %}"
-        "{{ '<|start_header_id|>' + m.role + '<|end_header_id|>\n\n' + m.content | trim + '<|eot_id|>' }}"
-        "{%- endfor %}"
-        "{%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-    ),
-    # Gemma has no system role: system text goes at the top of the next user turn.
-    "gemma": (
-        "{%- set ns = namespace(system='') %}"
-        "{%- for m in messages %}"
-        "{%- if m.role == 'system' %}{% set ns.system = ns.system + m.content | trim %}"
-        "{%- else %}{% set role = 'model' if m.role == 'assistant' else m.role %}"
-        "{{ '<start_of_turn>' + role + '\n' }}"
-        "{%- if ns.system and role != 'model' %}{{ ns.system + '\n\n' }}{% set ns.system = '' %}{% endif %}"
-        "{{ m.content | trim + '<end_of_turn>\n' }}"
-        "{%- endif %}{% endfor %}"
-        "{%- if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-    ),
-    "phi3": (
-        "{%- for m in messages %}{{ '<|' + m.role + '|>\n' + m.content + '<|end|>\n' }}{% endfor %}"
-        "{%- if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-    ),
-    "zephyr": (
-        "{%- for m in messages %}{{ '<|' + m.role + '|>\n' + m.content + '<|endoftext|>\n' }}{% endfor %}"
-        "{%- if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-    ),
-    "mistral-v7": (
-        "{%- for m in messages %}"
-        "{%- if m.role == 'system' %}{{ '[SYSTEM_PROMPT] ' + m.content + '[/SYSTEM_PROMPT]' }}"
-        "{%- elif m.role == 'user' %}{{ '[INST] ' + m.content + '[/INST]' }}"
-        "{%- else %}{{ ' ' + m.content + '</s>' }}{% endif %}{% endfor %}"
-    ),
-    # Llama 2 without and with <<SYS>> blocks; one "[INST] " opens each user turn.
-    "llama2": (
-        "{{ '[INST] ' }}{%- set ns = namespace(inside=true) %}"
-        "{%- for m in messages %}"
-        "{%- if not ns.inside %}{{ '[INST] ' }}{% set ns.inside = true %}{% endif %}"
-        "{%- if m.role == 'system' %}{{ m.content + '\n' }}"
-        "{%- elif m.role == 'user' %}{{ m.content + ' [/INST]' }}"
-        "{%- else %}{{ m.content + '</s>' }}{% set ns.inside = false %}{% endif %}{% endfor %}"
-    ),
-    "llama2-sys": (
-        "{{ '[INST] ' }}{%- set ns = namespace(inside=true) %}"
-        "{%- for m in messages %}"
-        "{%- if not ns.inside %}{{ '[INST] ' }}{% set ns.inside = true %}{% endif %}"
-        "{%- if m.role == 'system' %}{{ '<<SYS>>\n' + m.content + '\n<</SYS>>\n\n' }}"
-        "{%- elif m.role == 'user' %}{{ m.content + ' [/INST]' }}"
-        "{%- else %}{{ m.content + '</s>' }}{% set ns.inside = false %}{% endif %}{% endfor %}"
-    ),
-}
-BUILTIN_NAMES = tuple(BUILTIN)
-DEFAULT = "chatml"  # what llama.cpp uses when the file has no template
+__all__ = ["BUILTIN_NAMES", "ChatTemplate"]
+
+BUILTIN_NAMES: tuple[str, ...] = tuple(BUILTIN_SOURCES)
+
+# Same defaults as runtime/tokenizer.py (llama.cpp's llama_vocab::load): SPM vocabularies and the
+# Llama 3 BPE pre-tokenizers add BOS unless the file says otherwise.
+_BOS_ADDING_PRE = ("llama3", "llama-v3", "llama-bpe")
 
 
-def _raise(message: str) -> None:
-    raise InvalidRequestError(f"chat template: {message}")
+def _raise_exception(message: str) -> NoReturn:
+    raise InvalidRequestError(str(message))
 
 
-def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, sort_keys: bool = False) -> str:
-    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
 
 
-def _environment() -> ImmutableSandboxedEnvironment:
-    # As transformers renders chat templates: blocks trimmed, loop controls, tojson unescaped.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # HF transformers replaces Jinja's tojson, which HTML-escapes '<', '>', '&' and "'" and so
+    # would corrupt tool schemas; chat templates are written against HF's version.
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+class _GenerationTag(Extension):
+    """Accept HF's `{% generation %}...{% endgeneration %}` (assistant-mask markers) as a no-op."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Parser) -> list[nodes.Node]:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+def _make_env() -> ImmutableSandboxedEnvironment:
+    # The configuration HF transformers uses (and llama.cpp's minja mirrors); the immutable sandbox
+    # refuses private attributes and in-place mutation of values passed in, such as messages.
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationTag]
+    )
     env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
     return env
 
 
-class ChatTemplate:
-    """A compiled chat template and the BOS/EOS texts it may use."""
+_ENV = _make_env()
 
-    def __init__(
-        self, source: str, bos_token: str = "", eos_token: str = "", name: str = "custom",
-        strip_bos: bool = False, strip_eos: bool = False,
-    ) -> None:  # fmt: skip
-        self.source, self.name = source, name
-        self.bos_token, self.eos_token = bos_token, eos_token
-        # The tokenizer adds BOS (EOS) itself when the vocabulary says so: llama.cpp then
-        # removes the copy a template writes, so the prompt does not start with two.
-        self.strip_bos, self.strip_eos = strip_bos, strip_eos
-        try:
-            self._template = _environment().from_string(source)
-        except jinja2.TemplateError as e:
-            raise GGUFError(f"chat template {name!r} does not compile: {_one_line(e)}") from e
 
-    @classmethod
-    def from_metadata(cls, metadata: Mapping[str, Any], override: str | None = None) -> ChatTemplate:
-        """--chat-template (a built-in name or jinja text), else the file's template, else chatml."""
-        tokens = metadata.get("tokenizer.ggml.tokens") or []
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
-        def text(key: str) -> str:
-            i = metadata.get(f"tokenizer.ggml.{key}_token_id")
-            return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else ""
 
-        is_spm = metadata.get("tokenizer.ggml.model") == "llama"
-        add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", is_spm))
-        add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
-        file_source = metadata.get("tokenizer.chat_template")
-        if override:
-            source, name = (BUILTIN[override], override) if override in BUILTIN else (override, "custom")
-        elif isinstance(file_source, str) and file_source:
-            source, name = file_source, "gguf"
-        else:
-            source, name = BUILTIN[DEFAULT], DEFAULT
-        return cls(source, text("bos"), text("eos"), name, strip_bos=add_bos, strip_eos=add_eos)
-
-    def render(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        add_generation_prompt: bool = True,
-        tools: Sequence[Any] | None = None,
-        **kwargs: Any,
-    ) -> str:
-        ctx = dict(kwargs)
-        ctx.update(
-            messages=normalize_messages(messages),
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token,
-            eos_token=self.eos_token,
+def _flatten_content(content: Any, where: str) -> str:
+    """A message's content as the single string llama.cpp hands the template."""
+    if content is None:
+        # llama.cpp renders a missing/null content as "" (templates may concatenate it).
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequestError(
+            f"{where}.content must be a string, null or a list of content parts, "
+            f"not {type(content).__name__}"
         )
-        if tools:
-            ctx["tools"] = list(tools)
-        try:
-            out = self._template.render(**ctx)
-        except InvalidRequestError:
-            raise
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:
-            raise InvalidRequestError(f"chat template failed: {_one_line(e)}") from e
-        if self.strip_bos and self.bos_token and out.startswith(self.bos_token):
-            out = out[len(self.bos_token) :]
-        if self.strip_eos and self.eos_token and out.endswith(self.eos_token):
-            out = out[: -len(self.eos_token)]
-        return out
+    text = ""
+    for j, part in enumerate(content):
+        at = f"{where}.content[{j}]"
+        if not isinstance(part, Mapping):
+            raise InvalidRequestError(f"{at} must be an object, not {type(part).__name__}")
+        kind = part.get("type")
+        if not isinstance(kind, str):
+            raise InvalidRequestError(f"{at} has no string 'type'")
+        if kind != "text":
+            raise InvalidRequestError(
+                f"{at} has type {kind!r}: multimodal input is not supported (only 'text' parts)"
+            )
+        piece = part.get("text")
+        if not isinstance(piece, str):
+            raise InvalidRequestError(f"{at} is a text part without a string 'text'")
+        # llama.cpp (common_chat_msg::to_json_oaicompat) joins text parts with "\n", adding the
+        # separator only once something has been written, so leading empty parts vanish.
+        if text:
+            text += "\n"
+        text += piece
+    return text
 
 
-def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Validate messages; OpenAI content parts become one string (text parts joined by newlines)."""
-    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
+def _normalize_messages(messages: Any) -> list[dict[str, Any]]:
+    if not isinstance(messages, list) or not messages:
         raise InvalidRequestError("messages must be a non-empty list")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping):
-            raise InvalidRequestError(f"messages[{i}] must be an object")
-        role, content = m.get("role"), m.get("content")
+    out: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, Mapping):
+            raise InvalidRequestError(f"{where} must be an object, not {type(message).__name__}")
+        role = message.get("role")
         if not isinstance(role, str) or not role:
-            raise InvalidRequestError(f"messages[{i}].role must be a non-empty string")
-        if content is None:
-            content = ""
-        elif isinstance(content, list):
-            texts = []
-            for part in content:
-                kind = part.get("type") if isinstance(part, Mapping) else None
-                if kind != "text" or not isinstance(part.get("text"), str):
-                    what = kind if isinstance(kind, str) else type(part).__name__
-                    raise InvalidRequestError(
-                        f"messages[{i}].content: {what!r} parts are not supported (multimodal input needs a vision model)"
-                    )
-                texts.append(part["text"])
-            content = "\n".join(texts)
-        elif not isinstance(content, str):
-            raise InvalidRequestError(f"messages[{i}].content must be a string, a list of parts or null")
-        out.append({**m, "role": role, "content": content})
+            raise InvalidRequestError(f"{where}.role must be a non-empty string")
+        if "content" not in message and "tool_calls" not in message:
+            raise InvalidRequestError(f"{where} must have 'content' or 'tool_calls'")
+        # Other fields (tool_calls, tool_call_id, name, reasoning_content) reach the template
+        # unchanged, as in llama.cpp, for templates that render tool use.
+        normalized = dict(message)
+        normalized["content"] = _flatten_content(message.get("content"), where)
+        out.append(normalized)
     return out
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:200] or type(e).__name__
+class ChatTemplate:
+    """A compiled chat template plus the BOS/EOS texts it is rendered with; immutable once built."""
+
+    __slots__ = ("_source", "_name", "_bos", "_eos", "_strip_bos", "_strip_eos", "_template")
+    _source: str
+    _name: str
+    _bos: str
+    _eos: str
+    _strip_bos: bool
+    _strip_eos: bool
+    _template: Template
+
+    def __init__(
+        self,
+        source: str,
+        bos_token: str = "",
+        eos_token: str = "",
+        name: str = "custom",
+        *,
+        strip_bos: bool = False,
+        strip_eos: bool = False,
+    ) -> None:
+        """Compile source (GGUFError if it does not compile).
+
+        strip_bos/strip_eos: the tokenizer adds BOS/EOS itself, so renders lose a leading
+        bos_token / trailing eos_token text, as llama.cpp does.
+        """
+        if not isinstance(source, str):
+            raise GGUFError(f"chat template {name!r} is not a string")
+        try:
+            template = _ENV.from_string(source)
+        except TemplateSyntaxError as e:
+            raise GGUFError(
+                f"chat template {name!r} does not compile: {_one_line(e.message or '')} "
+                f"(line {e.lineno})"
+            ) from None
+        except TemplateError as e:
+            raise GGUFError(
+                f"chat template {name!r} does not compile: {_one_line(str(e))}"
+            ) from None
+        setter = object.__setattr__
+        setter(self, "_source", source)
+        setter(self, "_name", name)
+        setter(self, "_bos", bos_token)
+        setter(self, "_eos", eos_token)
+        setter(self, "_strip_bos", strip_bos)
+        setter(self, "_strip_eos", strip_eos)
+        setter(self, "_template", template)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError(f"ChatTemplate is immutable (cannot set {key!r})")
+
+    def __repr__(self) -> str:
+        return (
+            f"ChatTemplate(name={self._name!r}, bos_token={self._bos!r}, eos_token={self._eos!r})"
+        )
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def bos_token(self) -> str:
+        return self._bos
+
+    @property
+    def eos_token(self) -> str:
+        return self._eos
+
+    @property
+    def strip_bos(self) -> bool:
+        """Whether a leading BOS text is cut from renders (the tokenizer adds BOS itself)."""
+        return self._strip_bos
+
+    @property
+    def strip_eos(self) -> bool:
+        return self._strip_eos
+
+    @classmethod
+    def from_metadata(
+        cls, metadata: Mapping[str, Any], override: str | None = None
+    ) -> ChatTemplate:
+        """The template llama-server would use for a GGUF file's metadata.
+
+        override is a built-in name (see BUILTIN_NAMES) or a whole Jinja template, as llama.cpp's
+        `--chat-template` / `--chat-template-file`. Without one the file's tokenizer.chat_template
+        is used; a file without one gets a built-in chosen by architecture, else chatml.
+        """
+        tokens = metadata.get("tokenizer.ggml.tokens")
+        tokens = tokens if isinstance(tokens, list) else []
+        spm = metadata.get("tokenizer.ggml.model") == "llama"
+
+        def token_text(key: str, spm_default: int) -> str:
+            # llama.cpp passes the texts of the vocabulary's BOS/EOS, "" where it has none.
+            tid = metadata.get(f"tokenizer.ggml.{key}_token_id", spm_default if spm else None)
+            if isinstance(tid, int) and not isinstance(tid, bool) and 0 <= tid < len(tokens):
+                text = tokens[tid]
+                return text if isinstance(text, str) else ""
+            return ""
+
+        add_bos = metadata.get(
+            "tokenizer.ggml.add_bos_token",
+            spm or metadata.get("tokenizer.ggml.pre") in _BOS_ADDING_PRE,
+        )
+        common: dict[str, Any] = {
+            "bos_token": token_text("bos", 1),
+            "eos_token": token_text("eos", 2),
+            "strip_bos": bool(add_bos),
+            "strip_eos": bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
+        }
+
+        if override:  # "" means none, as an empty --chat-template does in llama.cpp
+            if override in BUILTIN_SOURCES:
+                return cls(BUILTIN_SOURCES[override], name=override, **common)
+            if "{{" not in override and "{%" not in override:
+                raise InvalidRequestError(
+                    f"unknown chat template {override!r}; built-in templates: "
+                    + ", ".join(BUILTIN_NAMES)
+                )
+            try:
+                return cls(override, name="override", **common)
+            except GGUFError as e:
+                # The user's own template, not the file, is at fault.
+                raise InvalidRequestError(str(e)) from None
+
+        source = metadata.get("tokenizer.chat_template")
+        if source is not None and not isinstance(source, str):
+            raise GGUFError("tokenizer.chat_template is not a string")
+        if source:  # llama.cpp treats an empty template as none
+            return cls(source, name="gguf", **common)
+        name = _fallback_builtin(metadata.get("general.architecture"), tokens)
+        return cls(BUILTIN_SOURCES[name], name=name, **common)
+
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[Any] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """The prompt text for messages; extra kwargs (e.g. enable_thinking) become template variables."""
+        normalized = _normalize_messages(messages)
+        if tools is not None and not isinstance(tools, list):
+            raise InvalidRequestError(f"tools must be a list, not {type(tools).__name__}")
+        context: dict[str, Any] = dict(kwargs)
+        # tools=None (not []) when absent, as HF passes it: Llama 3.1-style templates test
+        # `tools is not none` and would otherwise announce an empty tool list.
+        context.update(
+            messages=normalized,
+            add_generation_prompt=bool(add_generation_prompt),
+            tools=tools,
+            bos_token=self._bos,
+            eos_token=self._eos,
+        )
+        try:
+            result = self._template.render(context)
+        except InvalidRequestError:
+            raise  # raise_exception() from the template: its message is the whole story
+        except Exception as e:
+            # Jinja errors (undefined, sandbox refusals) and plain Python ones from a template bug
+            # (e.g. 'a' + 1) alike: the request cannot be rendered, and says why in one line.
+            raise InvalidRequestError(
+                f"chat template {self._name!r} failed: {type(e).__name__}: {_one_line(str(e))}"
+            ) from None
+        # Like llama.cpp (common/chat.cpp): the tokenizer adds BOS/EOS itself, so a template that
+        # writes them at the very start/end (Llama 3's writes bos_token first) would double them;
+        # the texts are cut here instead of rendering with bos_token="" because templates may also
+        # use them between messages.
+        if self._strip_bos and self._bos and result.startswith(self._bos):
+            result = result[len(self._bos) :]
+        if self._strip_eos and self._eos and result.endswith(self._eos):
+            result = result[: -len(self._eos)]
+        return result
+
+
+def _fallback_builtin(architecture: Any, tokens: list[Any]) -> str:
+    """The built-in for a file without tokenizer.chat_template: chatml, as llama.cpp does.
+
+    Even for the default model (Gemma 3 270M, which ships without a template): a
+    client switching from llama.cpp must get the same prompt; `--chat-template gemma`
+    gives Gemma's own format.
+    """
+    return "chatml"
