@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import codecs
-from typing import Protocol
+from typing import TYPE_CHECKING
 
-
-class _Pieces(Protocol):
-    def token_to_piece(self, token_id: int, special: bool = True) -> bytes: ...
+if TYPE_CHECKING:
+    from runtime.tokenizer import Tokenizer
 
 
 class IncrementalDetokenizer:
     """Token ids in, text out as soon as it is whole.
 
-    A character split across byte tokens (an emoji from byte fallback, a CJK
-    character in byte-level BPE) is held back until its last byte arrives;
-    invalid bytes become U+FFFD, as a final decode would show them.
+    A character split across tokens (an emoji in SentencePiece byte-fallback tokens, a CJK
+    character in byte-level BPE) is held back until its last byte arrives. Invalid bytes
+    become U+FFFD, one per maximal invalid sequence, exactly as the final decode (and
+    llama-server's JSON output) shows them, so the pieces joined equal `decode` of all ids.
     """
 
-    def __init__(self, tokenizer: _Pieces, special: bool = True) -> None:
+    def __init__(self, tokenizer: Tokenizer, special: bool = True) -> None:
         self._tok = tokenizer
         self._special = special
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -27,7 +27,7 @@ class IncrementalDetokenizer:
         return self._utf8.decode(self._tok.token_to_piece(token_id, self._special))
 
     def flush(self) -> str:
-        """What is still held (an incomplete character becomes U+FFFD); the stream can go on after."""
+        """What is still held (an unfinished character becomes U+FFFD); the stream can go on after."""
         out = self._utf8.decode(b"", final=True)
         self._utf8.reset()
         return out
