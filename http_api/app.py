@@ -1,0 +1,168 @@
+"""create_app(state): the FastAPI app with llama.cpp's middleware (model state, API keys, body limit, CORS, access log)."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from http_api import completion, llama_routes, metrics, openai_routes
+from http_api.errors import APIError, error_response, install, not_supported
+from http_api.state import ServerState
+
+access_log = logging.getLogger("gguf_serve.http")
+
+# Open without an API key, as in llama.cpp (tools/server: public_endpoints, plus the web page).
+PUBLIC_PATHS = frozenset({"/health", "/v1/health", "/models", "/v1/models", "/api/tags", "/"})
+# Answered while the model loads (llama.cpp lets the model list through).
+WHILE_LOADING = frozenset({"/models", "/v1/models", "/api/tags"})
+
+
+class Gate:
+    """Before any route: the model must be up, the key right, the body within the limit."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+        self.keys = [k.encode() for k in state.settings.api_keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path: str = scope["path"]
+        try:
+            if self.state.status != "ready" and path not in WHILE_LOADING:
+                self.state.require()
+            if self.keys and path not in PUBLIC_PATHS and not self._authorized(scope):
+                raise APIError(401, "Invalid API Key")
+            body = await self._read_body(scope, receive)
+        except APIError as e:
+            return await error_response(e)(scope, receive, send)
+        await self.app(scope, _replay(body, receive), send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        headers = dict(scope["headers"])
+        given = headers.get(b"authorization") or headers.get(b"x-api-key") or b""
+        if given[:7].lower() == b"bearer ":
+            given = given[7:].strip()
+        ok = False
+        for key in self.keys:  # every key compared, in constant time each
+            ok |= hmac.compare_digest(given, key)
+        return ok
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.state.settings.max_body_bytes
+        too_big = APIError(413, f"the request body exceeds the limit of {limit} bytes")
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                raise too_big
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # the client left; the route sees an empty body and its disconnect
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+class AccessLog:
+    """One line per request: method, path, status, generated tokens, milliseconds."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = 0
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            ms = 1e3 * (time.perf_counter() - t0)
+            extra: dict[str, Any] = {
+                "method": scope["method"], "path": scope["path"], "status": status,
+                "tokens": scope.get("gguf_tokens", 0), "ms": round(ms, 1),
+            }  # fmt: skip
+            access_log.info(
+                "%s %s %d %d tokens %.1f ms",
+                scope["method"],
+                scope["path"],
+                status,
+                extra["tokens"],
+                ms,
+                extra=extra,
+            )
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The HTTP app; starting it (its lifespan) starts loading the model in the background."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.start_loading()
+        yield
+        state.shutdown()
+
+    app = FastAPI(
+        title="gguf-serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None
+    )
+    app.state.server = state
+    install(app)
+    for module in (llama_routes, completion, openai_routes, metrics):
+        app.include_router(module.router)
+    if state.settings.static_path is not None:
+        app.mount("/", StaticFiles(directory=state.settings.static_path, html=True), name="static")
+    else:
+
+        @app.get("/", include_in_schema=False)
+        @app.get("/index.html", include_in_schema=False)
+        @app.get("/completion.js", include_in_schema=False)
+        async def web_ui(request: Request) -> Response:
+            raise not_supported("the web UI")
+
+    app.add_middleware(Gate, state=state)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=["*"],
+        allow_credentials=True,
+        allow_methods=["GET", "POST"],
+        allow_headers=["*"],
+    )
+    app.add_middleware(AccessLog)
+    return app

@@ -1,0 +1,238 @@
+"""`gguf-serve` command line: llama.cpp's server flags, spellings and defaults, parsed into ServerSettings."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime.config import DTYPES
+
+log = logging.getLogger("gguf_serve")
+
+MAX_BODY_BYTES = 16 << 20  # request bodies above this answer 413
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything the server needs from its command line (and nothing from the environment)."""
+
+    model: str | None = None  # None: the bundled default model
+    alias: str | None = None
+    n_ctx: int = 4096  # 0: the model's training context
+    n_parallel: int = 4
+    n_batch: int = 512  # tokens per engine step: llama.cpp's physical batch (-ub, capped by -b)
+    n_threads: int = 0
+    n_predict: int = -1
+    dtype: str = "float32"
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    static_path: str | None = None
+    api_keys: tuple[str, ...] = ()
+    ssl_key_file: str | None = None
+    ssl_cert_file: str | None = None
+    timeout: int = 600
+    metrics: bool = False
+    slots: bool = True
+    chat_template: str | None = None  # a built-in name or Jinja source
+    log_format: str = "text"
+    log_disable: bool = False
+    max_body_bytes: int = MAX_BODY_BYTES
+
+
+# flag -> why it stops the start: features not built yet, or impossible on these machines.
+_NOT_SUPPORTED = {
+    "tensor_split": "-ts/--tensor-split is not supported yet (tensor parallelism runs under torchrun)",
+    "model_url": "-mu/--model-url: gguf-serve does not download models; pass a local file with -m",
+    "hf_repo": "-hf/--hf-repo: gguf-serve does not download models; pass a local file with -m",
+    "hf_file": "-hff/--hf-file: gguf-serve does not download models; pass a local file with -m",
+    "lora": "--lora is not supported yet",
+    "lora_base": "--lora-base is not supported yet",
+    "mmproj": "--mmproj is not supported yet (no multimodal models)",
+    "grp_attn_n": "--grp-attn-n (self-extend) is not supported yet",
+    "grp_attn_w": "--grp-attn-w (self-extend) is not supported yet",
+    "embedding": "--embedding is not supported yet (embeddings come in a later release)",
+    "pooling": "--pooling is not supported yet (embeddings come in a later release)",
+    "slot_save_path": "--slot-save-path is not supported yet (slot save/restore comes in a later release)",
+    "system_prompt_file": "-spf/--system-prompt-file is not supported (removed from llama.cpp's server too)",
+    "no_cont_batching": "-nocb/--no-cont-batching: continuous batching cannot be turned off",
+    "mlock": "--mlock is not supported yet",
+    "numa": "--numa is not supported yet",
+}
+
+
+# (group, flags, argparse keywords); llama.cpp's spellings, defaults and --help grouping.
+_Flag = tuple[str, tuple[str, ...], dict[str, Any]]
+_COMMON, _SERVER, _OURS = (
+    "----- common params -----",
+    "----- server params -----",
+    "----- gguf-serve params -----",
+)
+_FLAGS: list[_Flag] = [
+    (_COMMON, ("-t", "--threads"), dict(type=int, default=-1, metavar="N", help="CPU threads (default: -1, torch's choice)")),
+    (_COMMON, ("-tb", "--threads-batch"), dict(type=int, default=-1, metavar="N", help="threads for batches (default: --threads; torch has one pool)")),
+    (_COMMON, ("-c", "--ctx-size"), dict(type=int, default=4096, metavar="N", help="KV cache tokens, shared by all slots (default: 4096, 0 = from model)")),
+    (_COMMON, ("-n", "--predict", "--n-predict"), dict(dest="n_predict", type=int, default=-1, metavar="N", help="tokens to predict at most (default: -1, -1 = infinity)")),
+    (_COMMON, ("-b", "--batch-size"), dict(type=int, default=2048, metavar="N", help="logical maximum batch size (default: 2048)")),
+    (_COMMON, ("-ub", "--ubatch-size"), dict(type=int, default=512, metavar="N", help="physical maximum batch size (default: 512)")),
+    (_COMMON, ("-np", "--parallel"), dict(type=int, default=4, metavar="N", help="number of slots: parallel requests (default: 4)")),
+    (_COMMON, ("-cb", "--cont-batching"), dict(action="store_true", help="continuous batching (always on)")),
+    (_COMMON, ("-nocb", "--no-cont-batching"), dict(action="store_true", default=None, help="(not supported)")),
+    (_COMMON, ("--mlock",), dict(action="store_true", default=None, help="keep the model in RAM (not supported yet)")),
+    (_COMMON, ("--no-mmap",), dict(action="store_true", help="accepted: weights are read into tensors at load")),
+    (_COMMON, ("--numa",), dict(metavar="TYPE", help="NUMA optimizations (not supported yet)")),
+    (_COMMON, ("-ngl", "--gpu-layers", "--n-gpu-layers"), dict(dest="n_gpu_layers", metavar="N", help="accepted: the whole model runs on --device")),
+    (_COMMON, ("-mg", "--main-gpu"), dict(type=int, metavar="INDEX", help="GPU index when --device is cuda")),
+    (_COMMON, ("-ts", "--tensor-split"), dict(metavar="SPLIT", help="split across GPUs (not supported yet)")),
+    (_COMMON, ("-m", "--model"), dict(metavar="FNAME", help="GGUF model path (default: the bundled Gemma 3 270M Q4_K_M)")),
+    (_COMMON, ("-mu", "--model-url"), dict(metavar="URL", help="(not supported: no downloads)")),
+    (_COMMON, ("-hf", "-hfr", "--hf-repo"), dict(dest="hf_repo", metavar="REPO", help="(not supported: no downloads)")),
+    (_COMMON, ("-hff", "--hf-file"), dict(metavar="FILE", help="(not supported: no downloads)")),
+    (_COMMON, ("--lora",), dict(metavar="FNAME", help="LoRA adapter (not supported yet)")),
+    (_COMMON, ("--lora-base",), dict(metavar="FNAME", help="LoRA base model (not supported yet)")),
+    (_COMMON, ("--mmproj",), dict(metavar="FILE", help="multimodal projector (not supported yet)")),
+    (_COMMON, ("-gan", "--grp-attn-n"), dict(type=int, metavar="N", help="self-extend factor (not supported yet)")),
+    (_COMMON, ("-gaw", "--grp-attn-w"), dict(type=int, metavar="N", help="self-extend width (not supported yet)")),
+    (_COMMON, ("--log-disable",), dict(action="store_true", help="disable logging")),
+    (_COMMON, ("--log-format",), dict(choices=("json", "text"), default="text", help="log output format (default: text)")),
+    (_SERVER, ("--host",), dict(default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")),
+    (_SERVER, ("--port",), dict(type=int, default=8080, help="port to listen on (default: 8080)")),
+    (_SERVER, ("--path",), dict(metavar="PATH", help="directory of static files to serve at /")),
+    (_SERVER, ("-a", "--alias"), dict(metavar="STRING", help="model name shown to clients (default: the model path)")),
+    (_SERVER, ("--api-key",), dict(action="append", default=[], metavar="KEY", help="API key (repeatable)")),
+    (_SERVER, ("--api-key-file",), dict(metavar="FNAME", help="file with API keys, one per line")),
+    (_SERVER, ("--ssl-key-file",), dict(metavar="FNAME", help="PEM private key for TLS")),
+    (_SERVER, ("--ssl-cert-file",), dict(metavar="FNAME", help="PEM certificate for TLS")),
+    (_SERVER, ("-to", "--timeout"), dict(type=int, default=600, metavar="N", help="idle connection timeout, seconds (default: 600)")),
+    (_SERVER, ("--threads-http",), dict(type=int, default=-1, metavar="N", help="accepted: one asyncio loop serves requests")),
+    (_SERVER, ("--embedding", "--embeddings"), dict(dest="embedding", action="store_true", default=None, help="embeddings (not supported yet)")),
+    (_SERVER, ("--pooling",), dict(metavar="TYPE", help="embedding pooling (not supported yet)")),
+    (_SERVER, ("--metrics",), dict(action="store_true", help="enable the Prometheus /metrics endpoint")),
+    (_SERVER, ("--slots",), dict(dest="slots", action="store_true", default=True, help="enable /slots (default)")),
+    (_SERVER, ("--no-slots", "--slots-endpoint-disable"), dict(dest="slots", action="store_false", help="disable /slots")),
+    (_SERVER, ("--slot-save-path",), dict(metavar="PATH", help="slot save/restore directory (not supported yet)")),
+    (_SERVER, ("-spf", "--system-prompt-file"), dict(metavar="FNAME", help="(not supported)")),
+    (_SERVER, ("--chat-template",), dict(metavar="JINJA_TEMPLATE", help="built-in template name or Jinja source")),
+    (_SERVER, ("--chat-template-file",), dict(metavar="FNAME", help="file holding a Jinja chat template")),
+    (_OURS, ("--dtype",), dict(choices=sorted(DTYPES), default="float32", help="activation and dense weight dtype")),
+    (_OURS, ("--device",), dict(default="cpu", help="torch device: cpu, cuda, cuda:1, mps (default: cpu)")),
+]  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gguf-serve",
+        description="llama.cpp-compatible HTTP server (llama.cpp and OpenAI routes) for GGUF models.",
+        allow_abbrev=False,
+    )
+    groups = {name: p.add_argument_group(name) for name in (_COMMON, _SERVER, _OURS)}
+    for group, flags, kw in _FLAGS:
+        groups[group].add_argument(*flags, **kw)
+    return p
+
+
+class UsageError(Exception):
+    """A flag that cannot be honoured; its message is one line for the user."""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
+    """Parse and check the command line; raises UsageError for what cannot run."""
+    a = build_parser().parse_args(argv)
+    for name, why in _NOT_SUPPORTED.items():
+        if getattr(a, name) is not None:
+            raise UsageError(why)
+    for flag, value in (
+        ("-c/--ctx-size", a.ctx_size),
+        ("--port", a.port),
+        ("-to/--timeout", a.timeout),
+    ):
+        if value < 0:
+            raise UsageError(f"{flag} must be >= 0, got {value}")
+    for flag, value in (
+        ("-np/--parallel", a.parallel),
+        ("-b/--batch-size", a.batch_size),
+        ("-ub/--ubatch-size", a.ubatch_size),
+    ):
+        if value <= 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    if a.n_predict < -1:
+        raise UsageError(f"-n/--n-predict must be -1 or >= 0, got {a.n_predict}")
+    if bool(a.ssl_key_file) != bool(a.ssl_cert_file):
+        raise UsageError("--ssl-key-file and --ssl-cert-file go together")
+    if a.model is not None and not Path(a.model).is_file():
+        raise UsageError(f"-m/--model: no such file: {a.model}")
+    if a.path is not None and not Path(a.path).is_dir():
+        raise UsageError(f"--path: no such directory: {a.path}")
+    device = a.device
+    if a.main_gpu is not None:
+        if device.startswith("cuda") and ":" not in device:
+            device = f"cuda:{a.main_gpu}"
+        else:
+            log.warning("-mg/--main-gpu %d has no effect with --device %s", a.main_gpu, device)
+    if a.n_gpu_layers is not None and device == "cpu":
+        log.warning(
+            "-ngl/--n-gpu-layers %s has no effect: --device is cpu (use --device cuda)",
+            a.n_gpu_layers,
+        )
+    if a.threads_batch not in (-1, a.threads):
+        log.warning(
+            "-tb/--threads-batch: torch uses one thread pool; -t/--threads (%d) applies", a.threads
+        )
+    if a.no_mmap:
+        log.info(
+            "--no-mmap: weights are read into torch tensors at load; the file is not kept mapped"
+        )
+    return ServerSettings(
+        model=a.model,
+        alias=a.alias,
+        n_ctx=a.ctx_size,
+        n_parallel=a.parallel,
+        n_batch=min(a.batch_size, a.ubatch_size),
+        n_threads=max(a.threads, 0),
+        n_predict=a.n_predict,
+        dtype=a.dtype,
+        device=device,
+        host=a.host,
+        port=a.port,
+        static_path=a.path,
+        api_keys=tuple(a.api_key) + _read_keys(a.api_key_file),
+        ssl_key_file=a.ssl_key_file,
+        ssl_cert_file=a.ssl_cert_file,
+        timeout=a.timeout,
+        metrics=a.metrics,
+        slots=a.slots,
+        chat_template=_chat_template(a.chat_template, a.chat_template_file),
+        log_format=a.log_format,
+        log_disable=a.log_disable,
+    )
+
+
+def _read_keys(path: str | None) -> tuple[str, ...]:
+    if path is None:
+        return ()
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--api-key-file: cannot read {path}: {e}") from None
+    return tuple(k.strip() for k in lines if k.strip())
+
+
+def _chat_template(value: str | None, path: str | None) -> str | None:
+    from runtime.chat_template import BUILTIN_NAMES
+
+    if value is not None and path is not None:
+        raise UsageError("give --chat-template or --chat-template-file, not both")
+    if path is not None:
+        try:
+            return Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--chat-template-file: cannot read {path}: {e}") from None
+    if value is not None and value not in BUILTIN_NAMES and "{{" not in value and "{%" not in value:
+        raise UsageError(
+            f"--chat-template: unknown template {value!r}; built-in: {', '.join(BUILTIN_NAMES)}"
+        )
+    return value

@@ -1,0 +1,111 @@
+"""`gguf-serve` entry point: parse flags, set up logging, listen at once and load the model in the background."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+import uvicorn
+from fastapi import FastAPI
+
+from http_api.cli import ServerSettings, UsageError, parse_args
+
+log = logging.getLogger("gguf_serve")
+
+
+class JsonFormatter(logging.Formatter):
+    """--log-format json: one JSON object per line (llama.cpp's keys: timestamp, level, msg) plus extras."""
+
+    _EXTRA = ("method", "path", "status", "tokens", "ms")
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "timestamp": round(record.created, 3),
+            "level": record.levelname,
+            "function": record.funcName,
+            "line": record.lineno,
+            "msg": record.getMessage(),
+        }
+        out.update({k: getattr(record, k) for k in self._EXTRA if hasattr(record, k)})
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a record comes (it may be replaced after set-up)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
+def setup_logging(log_format: str = "text", disable: bool = False) -> None:
+    handler = _Stderr()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("gguf_serve", "runtime", "uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.propagate = False
+        logger.setLevel(logging.CRITICAL + 1 if disable else logging.INFO)
+
+
+def uvicorn_config(settings: ServerSettings, app: FastAPI) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ssl_keyfile=settings.ssl_key_file,
+        ssl_certfile=settings.ssl_cert_file,
+        timeout_keep_alive=settings.timeout,
+        access_log=False,  # http_api.app.AccessLog writes one line per request
+        log_config=None,
+        lifespan="on",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Warnings while parsing (-ngl on CPU, ...) need a handler before the settings exist.
+    setup_logging()
+    try:
+        settings = parse_args(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    setup_logging(settings.log_format, settings.log_disable)
+
+    from http_api.app import create_app
+    from http_api.state import ServerState
+
+    state = ServerState(settings)
+    app = create_app(state)
+    server = uvicorn.Server(uvicorn_config(settings, app))
+    scheme = "https" if settings.ssl_cert_file else "http"
+    log.info(
+        "listening on %s://%s:%d (model %s loading)",
+        scheme,
+        settings.host,
+        settings.port,
+        settings.model or "default",
+    )
+    t0 = time.perf_counter()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    log.info("server stopped after %.0f s", time.perf_counter() - t0)
+    return 0 if state.status != "error" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

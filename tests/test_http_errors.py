@@ -1,0 +1,170 @@
+"""Client mistakes get a 4xx in the OpenAI error shape (never a 5xx), disabled routes a 501, and the server keeps serving."""
+
+import httpx
+import pytest
+
+from http_api.cli import ServerSettings
+from http_api.testing import LiveServer
+
+LIMIT = 64 << 10
+
+
+@pytest.fixture(scope="module")
+def client(llama3_tiny_path):
+    settings = ServerSettings(
+        model=str(llama3_tiny_path),
+        n_threads=1,
+        n_ctx=256,
+        n_parallel=2,
+        slots=False,
+        max_body_bytes=LIMIT,
+    )
+    with LiveServer(settings) as srv:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            yield c
+
+
+@pytest.fixture(autouse=True)
+def still_healthy(client):
+    yield
+    assert client.get("/health").status_code == 200
+
+
+def assert_error(r, status, type_="invalid_request_error"):
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "type"}
+    assert body["error"]["code"] == status and body["error"]["type"] == type_
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"{bad", b"[1, 2]", b'"text"', b"NaN", b'{"prompt": NaN}', b'{"prompt": "x", "n_predict": Infinity}',
+     b"\xff\xfe{}", b"[" * 50_000, b'{"prompt": "x", "temperature": 1e999}', b'{"prompt": "x", "seed": 100000000000000000000000000000}'],
+)  # fmt: skip
+@pytest.mark.parametrize(
+    "path", ["/completion", "/v1/chat/completions", "/v1/completions", "/tokenize"]
+)
+def test_malformed_json_is_400(client, raw, path):
+    r = client.post(path, content=raw, headers={"content-type": "application/json"})
+    assert_error(r, 400)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {}, {"prompt": None}, {"prompt": 5}, {"prompt": {"a": 1}}, {"prompt": [1.5]}, {"prompt": [True]},
+        {"prompt": [[1, "a"], {"x": 1}]}, {"prompt": []}, {"prompt": [-1]}, {"prompt": [99_999_999]},
+        {"prompt": "x", "temperature": "hot"}, {"prompt": "x", "n_predict": "5"}, {"prompt": "x", "stream": "yes"},
+        {"prompt": "x", "top_k": 1.5}, {"prompt": "x", "stop": 5}, {"prompt": "x", "stop": [1]},
+        {"prompt": "x", "logit_bias": "x"}, {"prompt": "x", "logit_bias": [[1]]}, {"prompt": "x", "logit_bias": [[999_999_999, 1]]},
+        {"prompt": "x", "samplers": 5}, {"prompt": "x", "samplers": ["nope"]}, {"prompt": "x", "n_probs": True},
+        {"prompt": "x", "id_slot": 99}, {"prompt": "x", "id_slot": "a"}, {"prompt": "x", "seed": -5},
+        {"prompt": "x", "temperature": 10**30}, {"prompt": "x", "response_fields": [1]},
+        {"prompt": "x", "dry_sequence_breakers": []}, {"prompt": "x", "system_prompt": 3},
+    ],
+)  # fmt: skip
+def test_wrong_types_are_400(client, body):
+    assert_error(client.post("/completion", json=body), 400)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("top_p", 2), ("min_p", -1), ("mirostat", 3), ("n_probs", 1000), ("n_predict", -5), ("repeat_penalty", 0),
+     ("dry_base", 0.5), ("typical_p", 1.5), ("xtc_threshold", -0.1), ("repeat_last_n", -2), ("n_keep", -2)],
+)  # fmt: skip
+def test_out_of_range_values_are_400_naming_the_field(client, field, value):
+    message = assert_error(client.post("/completion", json={"prompt": "x", field: value}), 400)
+    assert field in message
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"grammar": "root ::= x"}, {"json_schema": {"type": "object"}}, {"image_data": [{"data": "x", "id": 1}]},
+        {"lora": [{"id": 0, "scale": 1}]}, {"post_sampling_probs": True},
+    ],
+)  # fmt: skip
+def test_features_not_built_yet_are_a_clear_400(client, body):
+    message = assert_error(client.post("/completion", json={"prompt": "x", **body}), 400)
+    assert "not supported" in message
+
+
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/v1/chat/completions", {}), ("/v1/chat/completions", {"messages": "hi"}),
+        ("/v1/chat/completions", {"messages": [{"content": "x"}]}), ("/v1/chat/completions", {"messages": [], "n": 0}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream_options": 5}),
+        ("/v1/completions", {}), ("/v1/completions", {"prompt": "x", "echo": True}),
+        ("/v1/completions", {"prompt": "x", "best_of": 3}), ("/v1/completions", {"prompt": "x", "suffix": "y"}),
+        ("/v1/completions", {"prompt": "x", "logprobs": 1000}), ("/v1/completions", {"prompt": "x", "n": 10_000}),
+        ("/tokenize", {"content": 5}), ("/tokenize", {"content": [{"a": 1}]}), ("/tokenize", {"content": "x", "add_special": 1}),
+        ("/detokenize", {"tokens": ["a"]}), ("/detokenize", {"tokens": [-1]}), ("/detokenize", {"tokens": [10**9]}),
+        ("/detokenize", {"tokens": "abc"}), ("/apply-template", {}),
+    ],
+)  # fmt: skip
+def test_bad_requests_on_other_routes_are_400(client, path, body):
+    assert_error(client.post(path, json=body), 400)
+
+
+def test_unknown_fields_are_ignored(client):
+    r = client.post(
+        "/completion", json={"prompt": "x", "n_predict": 1, "foo": "bar", "nested": {"a": [1]}}
+    )
+    assert r.status_code == 200 and r.json()["tokens_predicted"] == 1
+
+
+def test_an_oversized_body_is_413(client):
+    big = b'{"prompt": "' + b"a" * LIMIT + b'"}'
+    assert_error(
+        client.post("/completion", content=big, headers={"content-type": "application/json"}), 413
+    )
+
+    def chunks():  # no content-length: the limit is counted as the body arrives
+        for _ in range(LIMIT // 1024 + 2):
+            yield b" " * 1024
+
+    assert_error(client.post("/completion", content=chunks()), 413)
+
+
+def test_routes_and_methods_that_do_not_exist(client):
+    assert_error(client.get("/nope"), 404, "not_found_error")
+    assert_error(client.post("/v1/nope", json={}), 404, "not_found_error")
+    assert_error(client.get("/completion"), 405)
+
+
+@pytest.mark.parametrize(
+    "method,path",
+    [("GET", "/metrics"), ("GET", "/slots"), ("POST", "/slots/0?action=save"), ("POST", "/infill"),
+     ("POST", "/embedding"), ("POST", "/embeddings"), ("POST", "/v1/embeddings"), ("POST", "/rerank"),
+     ("GET", "/"), ("GET", "/completion.js"), ("POST", "/props")],
+)  # fmt: skip
+def test_disabled_or_later_endpoints_are_501(client, method, path):
+    assert_error(
+        client.request(method, path, json={"content": "x", "input": "x"}),
+        501,
+        "not_supported_error",
+    )
+
+
+def test_a_rejected_stream_is_a_plain_json_400(client):
+    r = client.post("/completion", json={"prompt": [99_999_999], "stream": True})
+    assert_error(r, 400)
+    r = client.post(
+        "/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "x"}],
+            "stream": True,
+            "n_predict": 1,
+            "logit_bias": [[10**9, 1]],
+        },
+    )
+    assert_error(r, 400)
