@@ -8,4 +8,6 @@ USER app
 ENV GGUF_SERVE_VENV=/opt/gguf-serve/.venv
 RUN bash -c "source scripts/install.sh && ensure_env ''"
 VOLUME ["/models"]
-ENTRYPOINT ["/opt/gguf-serve/.venv/bin/gguf-serve"]
+EXPOSE 8080 50051
+# Inside a container the loopback default would be unreachable: listen on every interface.
+ENTRYPOINT ["/opt/gguf-serve/.venv/bin/gguf-serve", "--host", "0.0.0.0"]

@@ -15,9 +15,12 @@ from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from grpc_api.server import GrpcServer, TlsFiles, start_grpc
 from http_api import completion, llama_routes, metrics, openai_routes
 from http_api.errors import APIError, error_response, install, not_supported
 from http_api.state import ServerState
+from runtime.async_engine import AsyncEngine
+from runtime.errors import EngineError
 
 access_log = logging.getLogger("gguf_serve.http")
 
@@ -130,13 +133,43 @@ class AccessLog:
             )
 
 
+async def start_grpc_beside(state: ServerState) -> GrpcServer | None:
+    """The gRPC server on the running loop when --grpc-port is set; it asks `state` for the engine."""
+    settings = state.settings
+    if not settings.grpc_port:
+        return None
+
+    def provider() -> AsyncEngine | None:
+        if state.status == "error":
+            raise EngineError(state.error or "the model failed to load")
+        return state.loaded.engine if state.status == "ready" and state.loaded is not None else None
+
+    tls = None
+    if settings.ssl_key_file and settings.ssl_cert_file:
+        tls = TlsFiles(settings.ssl_key_file, settings.ssl_cert_file)
+    grpc_server = await start_grpc(
+        provider,
+        host=settings.host,
+        port=settings.grpc_port,
+        api_keys=settings.api_keys,
+        model_alias=settings.alias,
+        chat_template=settings.chat_template,
+        tls=tls,
+    )
+    access_log.info("gRPC listening on %s:%d", settings.host, settings.grpc_port)
+    return grpc_server
+
+
 def create_app(state: ServerState) -> FastAPI:
     """The HTTP app; starting it (its lifespan) starts loading the model in the background."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.start_loading()
+        grpc_server = await start_grpc_beside(state)  # same engine, same event loop
         yield
+        if grpc_server is not None:
+            await grpc_server.stop(grace=5.0)  # before the engine stops: streams may finish
         state.shutdown()
 
     app = FastAPI(

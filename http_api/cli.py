@@ -42,6 +42,8 @@ class ServerSettings:
     log_format: str = "text"
     log_disable: bool = False
     max_body_bytes: int = MAX_BODY_BYTES
+    grpc_port: int = 0  # 0: no gRPC server (the command line's default is 50051)
+    http: bool = True  # False: gRPC only
 
 
 # flag -> why it stops the start: features not built yet, or impossible on these machines.
@@ -119,6 +121,8 @@ _FLAGS: list[_Flag] = [
     (_SERVER, ("--chat-template",), dict(metavar="JINJA_TEMPLATE", help="built-in template name or Jinja source")),
     (_SERVER, ("--chat-template-file",), dict(metavar="FNAME", help="file holding a Jinja chat template")),
     (_OURS, ("--dtype",), dict(choices=sorted(DTYPES), default="float32", help="activation and dense weight dtype")),
+    (_OURS, ("--grpc-port",), dict(type=int, default=50051, help="gRPC port beside HTTP, same engine (default: 50051; 0 disables)")),
+    (_OURS, ("--no-http",), dict(dest="http", action="store_false", help="serve gRPC only")),
     (_OURS, ("--device",), dict(default="cpu", help="torch device: cpu, cuda, cuda:1, mps (default: cpu)")),
 ]  # fmt: skip
 
@@ -148,6 +152,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
     for flag, value in (
         ("-c/--ctx-size", a.ctx_size),
         ("--port", a.port),
+        ("--grpc-port", a.grpc_port),
         ("-to/--timeout", a.timeout),
     ):
         if value < 0:
@@ -161,6 +166,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
             raise UsageError(f"{flag} must be positive, got {value}")
     if a.n_predict < -1:
         raise UsageError(f"-n/--n-predict must be -1 or >= 0, got {a.n_predict}")
+    if not a.http and not a.grpc_port:
+        raise UsageError("--no-http needs a --grpc-port: there would be nothing to serve")
     if bool(a.ssl_key_file) != bool(a.ssl_cert_file):
         raise UsageError("--ssl-key-file and --ssl-cert-file go together")
     if a.model is not None and not Path(a.model).is_file():
@@ -208,6 +215,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
         chat_template=_chat_template(a.chat_template, a.chat_template_file),
         log_format=a.log_format,
         log_disable=a.log_disable,
+        grpc_port=a.grpc_port,
+        http=a.http,
     )
 
 

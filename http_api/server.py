@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import uvicorn
 from fastapi import FastAPI
 
 from http_api.cli import ServerSettings, UsageError, parse_args
+
+if TYPE_CHECKING:
+    from http_api.state import ServerState
 
 log = logging.getLogger("gguf_serve")
 
@@ -88,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from http_api.state import ServerState
 
     state = ServerState(settings)
+    if not settings.http:
+        return asyncio.run(_grpc_only(state))
     app = create_app(state)
     server = uvicorn.Server(uvicorn_config(settings, app))
     scheme = "https" if settings.ssl_cert_file else "http"
@@ -104,6 +112,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     log.info("server stopped after %.0f s", time.perf_counter() - t0)
+    return 0 if state.status != "error" else 1
+
+
+async def _grpc_only(state: ServerState) -> int:
+    """--no-http: the gRPC server alone, until SIGINT or SIGTERM."""
+    from http_api.app import start_grpc_beside
+
+    state.start_loading()
+    grpc_server = await start_grpc_beside(state)
+    assert grpc_server is not None  # parse_args refuses --no-http without a gRPC port
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await grpc_server.stop(grace=5.0)
+    state.shutdown()
     return 0 if state.status != "error" else 1
 
 
