@@ -28,3 +28,11 @@ def default_engine(default_model_path):
     from runtime.engine import Engine
 
     return Engine(EngineConfig(model_path=str(default_model_path), n_ctx=1024))
+
+
+@pytest.fixture(scope="module")
+def loaded(llama3_tiny_path):
+    """llama3-tiny loaded once per test module (modules may define their own)."""
+    from runtime.loader import load_model
+
+    return load_model(llama3_tiny_path)
