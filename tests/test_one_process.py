@@ -37,7 +37,12 @@ def test_grpc_generate_equals_http_completion_from_one_server(llama3_tiny_path):
 
         async def over_grpc():
             async with aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-                health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+                # Health follows the loading state on a short poll: allow it a moment to turn.
+                for _ in range(100):
+                    health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+                    if health.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                    await asyncio.sleep(0.05)
                 req = pb.GenerateRequest(text=prompt, params=spb.SamplingParams(temperature=0.0, n_predict=16))
                 deltas = [
                     d async for d in pb_grpc.InferenceStub(ch).Generate(req, metadata=(("authorization", "Bearer k"),))
