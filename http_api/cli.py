@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.config import DTYPES
+from runtime.config import DTYPES, WEIGHTS
 
 log = logging.getLogger("gguf_serve")
 
@@ -26,8 +26,10 @@ class ServerSettings:
     n_parallel: int = 4
     n_batch: int = 512  # tokens per engine step: llama.cpp's physical batch (-ub, capped by -b)
     n_threads: int = 0
+    n_threads_batch: int = 0  # 0: n_threads
     n_predict: int = -1
     dtype: str = "float32"
+    weights: str = "quant"
     device: str = "cpu"
     host: str = "127.0.0.1"
     port: int = 8080
@@ -76,7 +78,7 @@ _COMMON, _SERVER, _OURS = (
 )
 _FLAGS: list[_Flag] = [
     (_COMMON, ("-t", "--threads"), dict(type=int, default=-1, metavar="N", help="CPU threads (default: -1, torch's choice)")),
-    (_COMMON, ("-tb", "--threads-batch"), dict(type=int, default=-1, metavar="N", help="threads for batches (default: --threads; torch has one pool)")),
+    (_COMMON, ("-tb", "--threads-batch"), dict(type=int, default=-1, metavar="N", help="threads for prompt batches (default: --threads)")),
     (_COMMON, ("-c", "--ctx-size"), dict(type=int, default=4096, metavar="N", help="KV cache tokens, shared by all slots (default: 4096, 0 = from model)")),
     (_COMMON, ("-n", "--predict", "--n-predict"), dict(dest="n_predict", type=int, default=-1, metavar="N", help="tokens to predict at most (default: -1, -1 = infinity)")),
     (_COMMON, ("-b", "--batch-size"), dict(type=int, default=2048, metavar="N", help="logical maximum batch size (default: 2048)")),
@@ -121,6 +123,7 @@ _FLAGS: list[_Flag] = [
     (_SERVER, ("--chat-template",), dict(metavar="JINJA_TEMPLATE", help="built-in template name or Jinja source")),
     (_SERVER, ("--chat-template-file",), dict(metavar="FNAME", help="file holding a Jinja chat template")),
     (_OURS, ("--dtype",), dict(choices=sorted(DTYPES), default="float32", help="activation and dense weight dtype")),
+    (_OURS, ("--weights",), dict(choices=WEIGHTS, default="quant", help="quant: weights stay in GGUF blocks (quantized kernels); dense: dequantized to --dtype at load")),
     (_OURS, ("--grpc-port",), dict(type=int, default=50051, help="gRPC port beside HTTP, same engine (default: 50051; 0 disables)")),
     (_OURS, ("--no-http",), dict(dest="http", action="store_false", help="serve gRPC only")),
     (_OURS, ("--device",), dict(default="cpu", help="torch device: cpu, cuda, cuda:1, mps (default: cpu)")),
@@ -185,10 +188,6 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
             "-ngl/--n-gpu-layers %s has no effect: --device is cpu (use --device cuda)",
             a.n_gpu_layers,
         )
-    if a.threads_batch not in (-1, a.threads):
-        log.warning(
-            "-tb/--threads-batch: torch uses one thread pool; -t/--threads (%d) applies", a.threads
-        )
     if a.no_mmap:
         log.info(
             "--no-mmap: weights are read into torch tensors at load; the file is not kept mapped"
@@ -200,8 +199,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
         n_parallel=a.parallel,
         n_batch=min(a.batch_size, a.ubatch_size),
         n_threads=max(a.threads, 0),
+        n_threads_batch=max(a.threads_batch, 0),
         n_predict=a.n_predict,
         dtype=a.dtype,
+        weights=a.weights,
         device=device,
         host=a.host,
         port=a.port,

@@ -76,8 +76,10 @@ def load_engine(settings: ServerSettings) -> Engine:
         n_parallel=settings.n_parallel,
         n_batch=settings.n_batch,
         n_threads=settings.n_threads,
+        n_threads_batch=settings.n_threads_batch,
+        weights=settings.weights,
     )
-    loaded = load_model(path, cfg.torch_dtype, cfg.device)
+    loaded = load_model(path, cfg.torch_dtype, cfg.device, cfg.weights)
     if settings.n_ctx == 0:  # llama.cpp's -c 0: the model's training context
         cfg = replace(cfg, n_ctx=loaded.config.context_length)
     return Engine(cfg, loaded)

@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from runtime.config import DTYPES, EngineConfig
+from runtime.config import DTYPES, WEIGHTS, EngineConfig
 from runtime.errors import GGUFServeError
 from runtime.sampling_params import SamplingParams
 
@@ -25,7 +25,12 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("-c", "--ctx-size", type=int, default=4096, help="KV cache size in tokens")
     p.add_argument("-t", "--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("-tb", "--threads-batch", type=int, default=0, help="threads for the prompt (0: -t)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="activation/weight dtype")
+    p.add_argument(
+        "--weights", choices=WEIGHTS, default="quant",
+        help="quant: keep GGUF blocks and run quantized kernels; dense: dequantize at load",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-special", action="store_true", help="do not parse special tokens in the prompt")
     p.add_argument("--verbose-prompt", action="store_true", help="print the prompt's token ids")
@@ -45,6 +50,8 @@ def _run(args: argparse.Namespace) -> int:
         n_ctx=args.ctx_size,
         n_parallel=1,
         n_threads=args.threads,
+        n_threads_batch=args.threads_batch,
+        weights=args.weights,
     )
     params = SamplingParams(
         temperature=args.temp,

@@ -141,6 +141,7 @@ class Metadata:
         return v if isinstance(v, str) else default
 
 
+WEIGHTS = ("quant", "dense")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -151,11 +152,13 @@ class EngineConfig:
     model_path: str
     device: str = "cpu"
     dtype: str = "float32"  # activations and dense weights
+    weights: str = "quant"  # "quant": matrices stay in GGUF blocks (runtime/ops); "dense": dequantized
     n_ctx: int = 4096  # KV pool, in tokens (all slots share it)
     block_size: int = 16  # tokens per KV block
     n_parallel: int = 8  # slots: concurrent requests
     n_batch: int = 2048  # tokens per step (prefill chunks + decodes)
     n_threads: int = 0  # 0: leave torch's default
+    n_threads_batch: int = 0  # threads for steps with many tokens (prompts); 0: n_threads
     prefix_caching: bool = True  # share KV blocks between prompts that start alike
     context_shift: bool = True  # a full context drops half its middle instead of stopping
 
@@ -165,8 +168,11 @@ class EngineConfig:
         for name in ("n_ctx", "block_size", "n_parallel", "n_batch"):
             if getattr(self, name) <= 0:
                 raise InvalidRequestError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.n_threads < 0:
-            raise InvalidRequestError(f"n_threads must be >= 0, got {self.n_threads}")
+        if self.weights not in WEIGHTS:
+            raise InvalidRequestError(f"weights must be one of {list(WEIGHTS)}, got {self.weights!r}")
+        for name in ("n_threads", "n_threads_batch"):
+            if getattr(self, name) < 0:
+                raise InvalidRequestError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -46,7 +46,7 @@ class Engine:
         self.cfg = cfg
         if cfg.n_threads:
             torch.set_num_threads(cfg.n_threads)
-        self.loaded = loaded or load_model(cfg.model_path, cfg.torch_dtype, cfg.device)
+        self.loaded = loaded or load_model(cfg.model_path, cfg.torch_dtype, cfg.device, cfg.weights)
         self.tokenizer = self.loaded.tokenizer
         self.sampler_vocab = SamplerVocab.from_tokenizer(self.tokenizer)
         self.runner = ModelRunner(self.loaded, cfg)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from runtime.config import ModelConfig
+from runtime.config import WEIGHTS, ModelConfig
 from runtime.errors import GGUFError
-from runtime.gguf.quants import dequantize
+from runtime.gguf.quants import dequantize, quant_type
 from runtime.gguf.reader import GGUFFile, _short, printable
+from runtime.layers.linear import QuantWeight, Weight
 from runtime.models import model_config
 from runtime.models.transformer import Transformer
 from runtime.tokenizer import Tokenizer
@@ -29,10 +32,31 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     load_seconds: float
+    weights: str = "quant"  # "quant": matrices stay in GGUF blocks; "dense": dequantized to dtype
+    weight_bytes: int = 0  # resident bytes of the model's weights
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
-    """Read, validate and dequantize a GGUF model; errors are one-line GGUFErrors."""
+# Kept as they are in quant mode: float32 matrices gain nothing from the block kernels.
+_DENSE_TYPES = {"F32"}
+
+
+def load_model(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", weights: str = "quant"
+) -> LoadedModel:
+    """Read and validate a GGUF model and place its weights; errors are one-line GGUFErrors.
+
+    weights="quant" keeps every quantized (and F16/BF16) matrix in its GGUF blocks,
+    zero-copy from the file's memory map on the CPU, and runs it through runtime/ops;
+    weights="dense" dequantizes everything to `dtype` at load.
+    """
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    quant = weights == "quant"
+    dev = torch.device(device)
+    if quant and dev.type == "cpu":
+        from runtime import ops
+
+        ops.use_cpu_kernels()  # builds them the first time; a clear error if it cannot
     t0 = time.perf_counter()
     f = GGUFFile(path)
     cfg = model_config(f)
@@ -47,22 +71,29 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         raise GGUFError(
             f"vocabulary has {tokenizer.vocab_size} tokens but token_embd.weight has {cfg.vocab_size} rows"
         )
-    dev = torch.device(device)
     used: set[str] = set()
+    resident = 0
 
-    def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def get(name: str, shape: tuple[int, ...]) -> Weight:
+        nonlocal resident
         t = f.tensor(name)
         if tuple(t.shape) != shape:
             raise GGUFError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape}")
         used.add(name)
+        if quant and len(shape) == 2 and t.qtype.name not in _DENSE_TYPES:
+            w = _blocks(name, t.data, t.qtype, shape, dev)
+            resident += w.nbytes
+            return w
         # Norm weights stay float32: rms_norm multiplies in float32 anyway.
         out_dtype = torch.float32 if name.endswith("norm.weight") else dtype
         try:
-            return dequantize(t.data, t.qtype, shape, dtype=out_dtype, device=dev)
+            out = dequantize(t.data, t.qtype, shape, dtype=out_dtype, device=dev)
         except GGUFError as e:  # name the tensor: the type or size is the file's problem
             raise type(e)(f"tensor {printable(name)}: {e}") from e
+        resident += out.numel() * out.element_size()
+        return out
 
-    model = Transformer(cfg, get, dev)
+    model = Transformer(cfg, get, dev, dtype)
     ignored = {"rope_freqs.weight"}  # read into the config
     unknown = sorted(set(f.tensors) - used - ignored)
     if unknown:
@@ -70,5 +101,25 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
             f"{cfg.arch}: {len(unknown)} tensors this architecture does not use, e.g. {printable(unknown[0])}"
         )
     return LoadedModel(
-        Path(path), f, cfg, model, tokenizer, dtype, dev, time.perf_counter() - t0
+        Path(path), f, cfg, model, tokenizer, dtype, dev, time.perf_counter() - t0, weights, resident
     )
+
+
+def _blocks(name: str, raw: object, qtype: object, shape: tuple[int, ...], dev: torch.device) -> QuantWeight:
+    """The tensor's GGUF blocks as (rows, row_bytes) uint8, a view of the memory map on the CPU."""
+    try:
+        qt = quant_type(qtype)  # type: ignore[arg-type]
+    except GGUFError as e:
+        raise type(e)(f"tensor {printable(name)}: {e}") from e
+    n, k = shape
+    if k % qt.block_size:
+        raise GGUFError(f"tensor {printable(name)}: rows of {k} values are not whole {qt.qtype.name} blocks")
+    row_bytes = k // qt.block_size * qt.type_size
+    flat = np.asarray(raw).reshape(-1).view(np.uint8)
+    if flat.nbytes != n * row_bytes:
+        raise GGUFError(f"tensor {printable(name)}: {qt.qtype.name} {shape} needs {n * row_bytes} bytes, has {flat.nbytes}")
+    with warnings.catch_warnings():
+        # The map is read-only and torch warns about that; the ops only ever read weights.
+        warnings.simplefilter("ignore", UserWarning)
+        data = torch.from_numpy(flat).view(n, row_bytes)
+    return QuantWeight(data.to(dev), int(qt.qtype), (n, k))

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from runtime import ops
 from runtime.config import EngineConfig
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_cache import KVCache
 from runtime.loader import LoadedModel
 from runtime.sampler import SampleRow, SamplerVocab, new_sampler_state, sample
 from runtime.scheduler import SampledToken, SchedulerOutput
+
+# Steps of at most this many tokens run torch on one thread when the kernels have their own.
+SMALL_STEP = 16
 
 
 class ModelRunner:
@@ -21,6 +25,22 @@ class ModelRunner:
         self.device = loaded.device
         self.block_size = cfg.block_size
         self.cache = KVCache(loaded.config, cfg.num_blocks, cfg.block_size, loaded.dtype, self.device)
+        # llama.cpp's -t (generation) and -tb (prompt batches).
+        self.threads = torch.get_num_threads()
+        self.threads_batch = cfg.n_threads_batch or self.threads
+        # With weights in blocks on the CPU, a small step's time is the quantized kernels',
+        # which run on their own threads; torch's many tiny ops then run on one thread,
+        # since each of its parallel regions waits for every thread (slow on a busy machine).
+        self.kernel_threads = loaded.weights == "quant" and self.device.type == "cpu"
+
+    def _set_threads(self, num_tokens: int) -> None:
+        small = num_tokens <= SMALL_STEP
+        n = self.threads if small else self.threads_batch
+        torch_threads = 1 if small and self.kernel_threads else n
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
+        if self.kernel_threads:
+            ops.set_num_threads(n)
 
     def execute(self, sched: SchedulerOutput) -> list[SampledToken | None]:
         """Run one forward over every scheduled sequence; sample where a sequence asks for it."""
@@ -40,6 +60,7 @@ class ModelRunner:
         batch = ForwardBatch.build(
             new_tokens, computed, tables, self.block_size, [s.sample for s in sched.seqs], self.device
         )
+        self._set_threads(len(batch.token_ids))
         logits = self.model.forward(batch, self.cache)  # (n_sampling, vocab)
         rows = []
         for s in sched.seqs:
@@ -69,4 +90,5 @@ class ModelRunner:
         batch = ForwardBatch(
             batch.token_ids, batch.positions, batch.slot_mapping, batch.block_tables, batch.seqs, rows
         )
+        self._set_threads(len(token_ids))
         return self.model.forward(batch, self.cache)

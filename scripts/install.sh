@@ -45,4 +45,8 @@ ensure_env() {
         "$VENV/bin/python" -m pip install -q -e "$spec"
         touch "$stamp"
     fi
+    # The quantized-weight CPU kernels (C++), compiled once into the user's cache (~40 s the
+    # first time, nothing afterwards); a failure here is reported, and --weights dense still works.
+    "$VENV/bin/python" -m runtime.ops.cpu_extension >/dev/null \
+        || _log "could not build the CPU kernels: only --weights dense will work"
 }

@@ -1,9 +1,29 @@
-"""Linear layers and the token embedding over dense weights (quantized ones come with runtime/ops)."""
+"""Linear layers and the token embedding, over dense weights or weights kept in GGUF blocks."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from runtime import ops
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    """A (n, k) weight as llama.cpp stores it: n rows of GGUF blocks, (n, row_bytes) uint8."""
+
+    data: torch.Tensor
+    qtype: int  # GGMLQuantizationType id
+    shape: tuple[int, int]  # (n, k) in values
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.numel())
+
+
+Weight = torch.Tensor | QuantWeight
 
 
 class Linear:
@@ -22,15 +42,47 @@ class Linear:
         return F.linear(x, self.weight, self.bias)
 
 
+class QuantLinear:
+    """y = x @ W^T + b with W in GGUF blocks, through the gguf_serve::qmatmul op (float32 math)."""
+
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None) -> None:
+        self.weight = weight
+        self.bias = bias
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (T, in) -> (T, out) in x's dtype."""
+        w = self.weight
+        y = ops.qmatmul(x, w.data, w.qtype, w.shape[1])
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+
+def linear(weight: Weight, bias: torch.Tensor | None = None) -> Linear | QuantLinear:
+    """The layer for `weight`: dense or quantized."""
+    if isinstance(weight, QuantWeight):
+        return QuantLinear(weight, bias)
+    return Linear(weight, bias)
+
+
 class Embedding:
     """Row lookup in the (vocab, hidden) table; doubles as the output head when tied."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: Weight, dtype: torch.dtype = torch.float32) -> None:
         self.weight = weight
+        self.dtype = dtype  # of the looked-up rows when the table is quantized
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (T,) -> (T, hidden)."""
-        return F.embedding(ids, self.weight)
+        w = self.weight
+        if isinstance(w, QuantWeight):
+            # Only the rows asked for are dequantized: the table stays in its blocks.
+            return ops.dequantize(w.data.index_select(0, ids), w.qtype, w.shape[1]).to(self.dtype)
+        return F.embedding(ids, w)
 
-    def as_linear(self) -> Linear:
-        return Linear(self.weight)
+    def as_linear(self) -> Linear | QuantLinear:
+        return linear(self.weight)

@@ -14,7 +14,7 @@ from runtime.forward_batch import ForwardBatch
 from runtime.kv_cache import KVCache
 from runtime.layers.activation import gated
 from runtime.layers.attention import paged_attention
-from runtime.layers.linear import Embedding, Linear
+from runtime.layers.linear import Embedding, Linear, QuantLinear, Weight, linear
 from runtime.layers.norm import rms_norm
 from runtime.layers.rotary import Rotary
 
@@ -39,21 +39,23 @@ LAYER_TENSORS = {
 }
 MODEL_TENSORS = {"embed": "token_embd.weight", "norm": "output_norm.weight", "output": "output.weight"}
 
-# (name, shape) -> tensor; the loader checks the shape and dequantizes to the model dtype.
-WeightSource = Callable[[str, tuple[int, ...]], torch.Tensor]
+# (name, shape) -> weight; the loader checks the shape, and gives 1-D tensors dense and
+# matrices dense (--weights dense) or in their GGUF blocks (QuantWeight).
+WeightSource = Callable[[str, tuple[int, ...]], Weight]
+Proj = Linear | QuantLinear
 
 
 @dataclass
 class Layer:
     attn_norm: torch.Tensor
-    q: Linear
-    k: Linear
-    v: Linear
-    o: Linear
+    q: Proj
+    k: Proj
+    v: Proj
+    o: Proj
     ffn_norm: torch.Tensor
-    gate: Linear
-    up: Linear
-    down: Linear
+    gate: Proj
+    up: Proj
+    down: Proj
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
     post_attn_norm: torch.Tensor | None = None
@@ -63,15 +65,21 @@ class Layer:
 class Transformer:
     """Embedding -> N x (attention, gated MLP) -> norm -> logits, over a paged KV cache."""
 
-    def __init__(self, cfg: ModelConfig, get: WeightSource, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        get: WeightSource,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.cfg = cfg
         c = cfg
-        self.embed = Embedding(get(MODEL_TENSORS["embed"], (c.vocab_size, c.hidden)))
-        self.norm = get(MODEL_TENSORS["norm"], (c.hidden,))
+        self.embed = Embedding(get(MODEL_TENSORS["embed"], (c.vocab_size, c.hidden)), dtype)
+        self.norm = dense(get(MODEL_TENSORS["norm"], (c.hidden,)))
         self.output = (
             self.embed.as_linear()
             if c.tied_embeddings
-            else Linear(get(MODEL_TENSORS["output"], (c.vocab_size, c.hidden)))
+            else linear(get(MODEL_TENSORS["output"], (c.vocab_size, c.hidden)))
         )
         self.layers = [self._layer(i, get) for i in range(c.n_layers)]
         self.rotary = Rotary(c.rope, device)
@@ -81,29 +89,32 @@ class Transformer:
         c = self.cfg
         q_out, kv_out, v_out = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.v_head_dim
 
-        def w(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        def w(key: str, shape: tuple[int, ...]) -> Weight:
             return get(LAYER_TENSORS[key].format(i=i), shape)
 
+        def vec(key: str, n: int) -> torch.Tensor:
+            return dense(w(key, (n,)))
+
         def bias(key: str, n: int) -> torch.Tensor | None:
-            return w(key, (n,)) if c.qkv_bias else None
+            return vec(key, n) if c.qkv_bias else None
 
         layer = Layer(
-            attn_norm=w("attn_norm", (c.hidden,)),
-            q=Linear(w("q", (q_out, c.hidden)), bias("q_bias", q_out)),
-            k=Linear(w("k", (kv_out, c.hidden)), bias("k_bias", kv_out)),
-            v=Linear(w("v", (v_out, c.hidden)), bias("v_bias", v_out)),
-            o=Linear(w("o", (c.hidden, c.n_heads * c.v_head_dim))),
-            ffn_norm=w("ffn_norm", (c.hidden,)),
-            gate=Linear(w("gate", (c.ffn, c.hidden))),
-            up=Linear(w("up", (c.ffn, c.hidden))),
-            down=Linear(w("down", (c.hidden, c.ffn))),
+            attn_norm=vec("attn_norm", c.hidden),
+            q=linear(w("q", (q_out, c.hidden)), bias("q_bias", q_out)),
+            k=linear(w("k", (kv_out, c.hidden)), bias("k_bias", kv_out)),
+            v=linear(w("v", (v_out, c.hidden)), bias("v_bias", v_out)),
+            o=linear(w("o", (c.hidden, c.n_heads * c.v_head_dim))),
+            ffn_norm=vec("ffn_norm", c.hidden),
+            gate=linear(w("gate", (c.ffn, c.hidden))),
+            up=linear(w("up", (c.ffn, c.hidden))),
+            down=linear(w("down", (c.hidden, c.ffn))),
         )
         if c.qk_norm:
-            layer.q_norm = w("q_norm", (c.head_dim,))
-            layer.k_norm = w("k_norm", (c.head_dim,))
+            layer.q_norm = vec("q_norm", c.head_dim)
+            layer.k_norm = vec("k_norm", c.head_dim)
         if c.sandwich_norm:
-            layer.post_attn_norm = w("post_attn_norm", (c.hidden,))
-            layer.post_ffn_norm = w("post_ffn_norm", (c.hidden,))
+            layer.post_attn_norm = vec("post_attn_norm", c.hidden)
+            layer.post_ffn_norm = vec("post_ffn_norm", c.hidden)
         return layer
 
     @torch.inference_mode()
@@ -176,6 +187,12 @@ class Transformer:
         k = rot.apply(k, *cos_sin)
         o = paged_attention(q, k, v, cache, i, batch, c.scale, window, c.attn_softcap)
         return layer.o(o.reshape(t, c.n_heads * c.v_head_dim))
+
+
+def dense(w: Weight) -> torch.Tensor:
+    """Vectors (norms, biases) always come dense from the loader."""
+    assert isinstance(w, torch.Tensor), "1-D weights are loaded dense"
+    return w
 
 
 def _rotate(rot: Rotary, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

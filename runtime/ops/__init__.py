@@ -1,0 +1,36 @@
+"""Custom torch ops for weights kept in GGUF blocks: quantized matmul and dequantization.
+
+Importing this package defines the ops (runtime/ops/schema.py, reference fallback on
+every device); `use_cpu_kernels()` compiles or loads the C++ CPU kernels and registers
+them. Callers use `qmatmul` and `dequantize`, whichever implementation is behind them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.ops import schema as _schema  # noqa: F401  (defines torch.ops.gguf_serve.*)
+from runtime.ops.cpu_extension import KernelBuildError, load
+
+
+def use_cpu_kernels() -> str:
+    """Register the compiled CPU kernels (building them the first time); returns the ISA picked."""
+    return str(load().isa())
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the compiled CPU kernels use, apart from torch's own (0: follow torch's)."""
+    load().set_num_threads(n)
+
+
+def qmatmul(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """x (t, k) @ W^T for W (n, row_bytes) uint8 GGUF blocks -> (t, n) float32."""
+    return torch.ops.gguf_serve.qmatmul(x, w, qtype, k)
+
+
+def dequantize(w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """W (n, row_bytes) uint8 GGUF blocks -> (n, k) float32."""
+    return torch.ops.gguf_serve.dequantize(w, qtype, k)
+
+
+__all__ = ["KernelBuildError", "dequantize", "qmatmul", "set_num_threads", "use_cpu_kernels"]

@@ -1,0 +1,67 @@
+"""The compiled CPU kernels (csrc/quant_cpu.cpp), built once per source version into the user's cache."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+from runtime.errors import GGUFServeError
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = ("quant_cpu.cpp", "quant_kernels.h", "work_pool.h")
+# -ffp-contract=off: no fused multiply-adds in dequantization, so blocks match the torch
+# reference bit for bit; -fopenmp-simd: `omp simd` vectorization hints only (threads are
+# work_pool.h's, not an OpenMP runtime's).
+CFLAGS = ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno", "-pthread"]
+
+
+class KernelBuildError(GGUFServeError):
+    """The C++ kernels could not be compiled or loaded here."""
+
+
+def build_dir() -> Path:
+    """Where the compiled module lives: keyed by the sources and torch version, so edits rebuild."""
+    import torch
+
+    h = hashlib.sha256(torch.__version__.encode())
+    for name in SOURCES:
+        h.update((CSRC / name).read_bytes())
+    root = Path(os.environ.get("GGUF_SERVE_CACHE", Path.home() / ".cache" / "gguf-serve"))
+    return root / "ops" / h.hexdigest()[:16]
+
+
+@functools.cache
+def load(verbose: bool = False) -> ModuleType:
+    """Compile (first time, ~1 min) or load the kernels; KernelBuildError when the toolchain fails."""
+    from torch.utils import cpp_extension
+
+    out = build_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        module: ModuleType = cpp_extension.load(
+            name="gguf_serve_quant_cpu",
+            sources=[str(CSRC / "quant_cpu.cpp")],
+            extra_cflags=CFLAGS,
+            extra_ldflags=["-pthread"],
+            build_directory=str(out),
+            verbose=verbose,
+        )
+    except (OSError, RuntimeError, ImportError) as e:  # compiler missing, ninja missing, build failed
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise KernelBuildError(
+            f"could not build the CPU kernels in {out} ({first}); "
+            "install a C++ compiler or start with --weights dense"
+        ) from e
+    log.info("quantized CPU kernels: %s build from %s", module.isa(), out)
+    return module
+
+
+if __name__ == "__main__":  # `python -m runtime.ops.cpu_extension`: build at install time
+    logging.basicConfig(level=logging.INFO)
+    print(f"CPU kernels ready ({load(verbose=True).isa()}) in {build_dir()}")

@@ -1,0 +1,248 @@
+// CPU kernels for weights kept in GGUF blocks: matrix-vector (small batch) products and dequantization.
+//
+// The kernels in quant_kernels.h are compiled three times (AVX-512, AVX2+FMA, baseline)
+// and chosen once at run time from the CPU's features. Rows are split over the threads
+// set_num_threads() gives (default: torch's intra-op count) by work_pool.h.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "work_pool.h"
+
+namespace {
+
+// ggml's kvalues_iq4nl: the 16 levels IQ4_NL and IQ4_XS index.
+const int8_t kIQ4[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+// GGMLQuantizationType ids.
+enum : int {
+    QT_F16 = 1, QT_Q4_0 = 2, QT_Q4_1 = 3, QT_Q5_0 = 6, QT_Q5_1 = 7, QT_Q8_0 = 8,
+    QT_Q2_K = 10, QT_Q3_K = 11, QT_Q4_K = 12, QT_Q5_K = 13, QT_Q6_K = 14,
+    QT_IQ4_NL = 20, QT_IQ4_XS = 23, QT_BF16 = 30,
+};
+
+// IEEE half -> float, exact for every input (normals, subnormals, inf, nan).
+inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (mant << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (mant << 13);
+    } else if (mant == 0) {
+        bits = sign;
+    } else {  // subnormal: normalize
+        int e = -1;
+        do {
+            ++e;
+            mant <<= 1;
+        } while ((mant & 0x400) == 0);
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((mant & 0x3FF) << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+}  // namespace
+
+// QK_X86: 3 = AVX-512 intrinsics, 2 = AVX2 + FMA + F16C intrinsics, 0 = portable C++.
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#define QK_NS k_avx512
+#define QK_X86 3
+#include "quant_kernels.h"
+#undef QK_X86
+#undef QK_NS
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define QK_NS k_avx2
+#define QK_X86 2
+#include "quant_kernels.h"
+#undef QK_X86
+#undef QK_NS
+#pragma GCC pop_options
+#endif
+
+#define QK_NS k_base
+#define QK_X86 0
+#include "quant_kernels.h"
+#undef QK_X86
+#undef QK_NS
+#define k_base_types QK_TYPES
+
+namespace {
+
+using MatvecFn = bool (*)(int, const uint8_t*, int64_t, const float*, float*, int64_t, int64_t, int64_t,
+                          int64_t, int64_t, float*);
+using DequantFn = bool (*)(int, const uint8_t*, int64_t, float*, int64_t, int64_t, int64_t);
+
+struct Kernels {
+    const char* isa;
+    MatvecFn matvec;
+    DequantFn dequant;
+};
+
+// Every build this CPU can run, best first.
+std::vector<Kernels> runnable() {
+    std::vector<Kernels> out;
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        out.push_back({"avx512", k_avx512::matvec, k_avx512::dequant});
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        out.push_back({"avx2", k_avx2::matvec, k_avx2::dequant});
+#endif
+    out.push_back({"baseline", k_base::matvec, k_base::dequant});
+    return out;
+}
+
+std::atomic<int> g_choice{0};  // index into runnable(): the best unless use_isa() said otherwise
+
+const std::vector<Kernels>& all_kernels() {
+    static const std::vector<Kernels> all = runnable();
+    return all;
+}
+
+const Kernels& kernels() { return all_kernels()[(size_t)g_choice.load(std::memory_order_relaxed)]; }
+
+// Tests run every build the machine supports; returns the names of those.
+std::vector<std::string> use_isa(const std::string& name) {
+    const auto& all = all_kernels();
+    std::vector<std::string> names;
+    for (size_t i = 0; i < all.size(); ++i) {
+        names.push_back(all[i].isa);
+        if (name == all[i].isa) g_choice.store((int)i);
+    }
+    return names;
+}
+
+// (values, bytes) per block of a GGUF type; (0, 0) for a type without a kernel here.
+std::pair<int64_t, int64_t> block_size(int64_t qtype) {
+    switch (qtype) {
+#define QK_SIZE(id, bs, ts, fn) \
+    case id:                    \
+        return {bs, ts};
+        k_base_types(QK_SIZE)
+#undef QK_SIZE
+    }
+    return {0, 0};
+}
+
+void check_weight(const torch::Tensor& w, int64_t qtype, int64_t k) {
+    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kUInt8 && w.dim() == 2,
+                "weight must be a 2-D uint8 CPU tensor of GGUF blocks");
+    TORCH_CHECK(w.stride(1) == 1, "weight rows must be contiguous");
+    const auto [bs, ts] = block_size(qtype);
+    TORCH_CHECK(bs > 0, "no CPU kernel for GGUF tensor type ", qtype);
+    TORCH_CHECK(k > 0 && k % bs == 0 && w.size(1) == k / bs * ts, "weight rows of ", w.size(1),
+                " bytes do not hold ", k, " values of GGUF type ", qtype);
+}
+
+// Threads for the kernels; 0 follows torch's intra-op setting.
+std::atomic<int> g_threads{0};
+
+WorkPool& pool() {
+    static WorkPool p;
+    return p;
+}
+
+// f(r0, r1) over [0, n) in chunks of at least `grain` multiply-adds (k * t per row), about
+// four chunks per thread so a thread that runs late leaves its share to the others.
+void parallel_rows(int64_t n, int64_t k, int64_t t, const std::function<void(int64_t, int64_t)>& f) {
+    const int set = g_threads.load(std::memory_order_relaxed);
+    const int threads = std::max(1, set > 0 ? set : at::get_num_threads());
+    const int64_t min_rows = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, k * t));
+    const int64_t per = std::max(min_rows, (n + 4 * threads - 1) / (4 * threads));
+    const int64_t chunks = (n + per - 1) / per;
+    pool().run(chunks, threads, [&](int64_t c) { f(c * per, std::min(n, (c + 1) * per)); });
+}
+
+// Up to this many rows of x the product runs from the blocks (each weight read once);
+// beyond it, tiles of W are dequantized and multiplied by torch's GEMM (compute-bound).
+constexpr int64_t kSmallBatch = 8;
+// Weight elements per dequantized tile of the large-batch path (16 MB of float32).
+constexpr int64_t kTileElements = 1 << 22;
+
+torch::Tensor dequantize_rows(const torch::Tensor& w, int64_t qtype, int64_t k, int64_t r0, int64_t r1) {
+    const int64_t row_bytes = w.stride(0);
+    auto y = torch::empty({r1 - r0, k}, torch::dtype(torch::kFloat32));
+    const uint8_t* wp = w.data_ptr<uint8_t>() + r0 * row_bytes;
+    float* yp = y.data_ptr<float>();
+    const auto fn = kernels().dequant;
+    std::atomic<bool> ok{true};
+    parallel_rows(r1 - r0, k, 1, [&](int64_t a, int64_t b) {
+        if (!fn((int)qtype, wp, row_bytes, yp, k, a, b)) ok = false;
+    });
+    TORCH_CHECK(ok, "no CPU kernel for GGUF tensor type ", qtype);
+    return y;
+}
+
+}  // namespace
+
+// x (t, k) float32 @ W^T, W (n, row_bytes) GGUF blocks of `qtype` -> (t, n) float32.
+torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype, int64_t k) {
+    check_weight(w, qtype, k);
+    TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "x must be (tokens, ", k, ")");
+    const auto x = x_in.to(torch::kFloat32).contiguous();
+    const int64_t t = x.size(0), n = w.size(0), row_bytes = w.stride(0);
+    if (t > kSmallBatch) {
+        const int64_t rows = std::max<int64_t>(1, kTileElements / k);
+        if (rows >= n) return at::matmul(x, dequantize_rows(w, qtype, k, 0, n).t());
+        auto y = torch::empty({t, n}, x.options());
+        for (int64_t r0 = 0; r0 < n; r0 += rows) {
+            const int64_t r1 = std::min(n, r0 + rows);
+            y.narrow(1, r0, r1 - r0).copy_(at::matmul(x, dequantize_rows(w, qtype, k, r0, r1).t()));
+        }
+        return y;
+    }
+    auto y = torch::empty({t, n}, x.options());
+    const uint8_t* wp = w.data_ptr<uint8_t>();
+    const float* xp = x.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    const auto fn = kernels().matvec;
+    std::atomic<bool> ok{true};
+    parallel_rows(n, k, t, [&](int64_t r0, int64_t r1) {
+        thread_local std::vector<float> buf;
+        buf.resize(k);
+        if (!fn((int)qtype, wp, row_bytes, xp, yp, t, n, k, r0, r1, buf.data())) ok = false;
+    });
+    TORCH_CHECK(ok, "no CPU kernel for GGUF tensor type ", qtype);
+    return y;
+}
+
+// W (n, row_bytes) GGUF blocks -> (n, k) float32.
+torch::Tensor dequantize(const torch::Tensor& w, int64_t qtype, int64_t k) {
+    check_weight(w, qtype, k);
+    return dequantize_rows(w, qtype, k, 0, w.size(0));
+}
+
+std::string isa() { return kernels().isa; }
+
+void set_num_threads(int64_t n) { g_threads.store((int)std::max<int64_t>(0, n)); }
+
+// The schemas are defined in Python (runtime/ops/schema.py), with the plain-torch
+// reference as the fallback for every device; these are the CPU kernels.
+TORCH_LIBRARY_IMPL(gguf_serve, CPU, m) {
+    m.impl("qmatmul", &qmatmul);
+    m.impl("dequantize", &dequantize);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("isa", &isa, "the instruction set the kernels were picked for");
+    m.def("use_isa", &use_isa, "pick a build by name (for tests); returns the runnable ones");
+    m.def("set_num_threads", &set_num_threads, "threads for the kernels (0: torch's intra-op count)");
+}

@@ -1,0 +1,103 @@
+// A small pool for the kernels' row loops, in which the caller never waits for a worker that is not running.
+//
+// OpenMP's parallel regions end in a barrier every thread must reach, so on a busy
+// machine each region can cost a whole scheduler time slice while a descheduled
+// thread is woken; a decode step has ~130 of them. Here chunks are claimed from an
+// atomic counter tagged with the job's generation: the caller takes chunks too, and
+// waits only for chunks a worker has already claimed (and is therefore running).
+// A worker that wakes late finds the counter exhausted, or of a newer job, and
+// claims nothing. Workers = torch's intra-op thread count - 1 (so -t governs it).
+
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+class WorkPool {
+   public:
+    using Fn = std::function<void(int64_t)>;
+
+    ~WorkPool() {
+        {
+            std::lock_guard<std::mutex> g(mu_);
+            stop_ = true;
+            ++gen_;
+        }
+        cv_.notify_all();
+        for (auto& t : workers_) t.join();
+    }
+
+    // Runs fn(0) .. fn(chunks - 1) on up to `threads` threads (the caller included).
+    void run(int64_t chunks, int threads, const Fn& fn) {
+        if (chunks <= 0) return;
+        if (threads <= 1 || chunks == 1) {
+            for (int64_t c = 0; c < chunks; ++c) fn(c);
+            return;
+        }
+        std::lock_guard<std::mutex> serial(run_mu_);  // one job at a time
+        grow(threads - 1);
+        uint32_t gen;
+        {
+            std::lock_guard<std::mutex> g(mu_);
+            gen = ++gen_;
+            fn_ = &fn;
+            chunks_ = chunks;
+            done_.store(0, std::memory_order_relaxed);
+            next_.store((uint64_t)gen << 32, std::memory_order_release);
+        }
+        cv_.notify_all();
+        work(gen, chunks, &fn);
+        while (done_.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+    }
+
+   private:
+    // Claim and run chunks of job `gen` until none is left.
+    void work(uint32_t gen, int64_t chunks, const Fn* fn) {
+        uint64_t s = next_.load(std::memory_order_acquire);
+        while ((uint32_t)(s >> 32) == gen && (int64_t)(s & 0xFFFFFFFFu) < chunks) {
+            if (next_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) {
+                (*fn)((int64_t)(s & 0xFFFFFFFFu));
+                done_.fetch_add(1, std::memory_order_acq_rel);
+                s = next_.load(std::memory_order_acquire);
+            }
+        }
+    }
+
+    void grow(int n) {
+        while ((int)workers_.size() < n) workers_.emplace_back([this] { loop(); });
+    }
+
+    void loop() {
+        uint32_t seen = 0;
+        for (;;) {
+            const Fn* fn;
+            int64_t chunks;
+            uint32_t gen;
+            {
+                std::unique_lock<std::mutex> g(mu_);
+                cv_.wait(g, [&] { return gen_ != seen; });
+                if (stop_) return;
+                seen = gen = gen_;
+                fn = fn_;
+                chunks = chunks_;
+            }
+            // fn stays valid while chunks of `gen` are unfinished: run() waits for them.
+            work(gen, chunks, fn);
+        }
+    }
+
+    std::mutex run_mu_, mu_;
+    std::condition_variable cv_;
+    std::vector<std::thread> workers_;
+    std::atomic<uint64_t> next_{0};  // generation << 32 | next chunk
+    std::atomic<int64_t> done_{0};
+    const Fn* fn_ = nullptr;
+    int64_t chunks_ = 0;
+    uint32_t gen_ = 0;
+    bool stop_ = false;
+};

@@ -1,0 +1,31 @@
+"""The torch.library schemas of the quantized ops, with the reference as every device's fallback.
+
+`torch.ops.gguf_serve.qmatmul(x, w, qtype, k)`: x (t, k) float @ W^T, W (n, row_bytes)
+uint8 rows of GGUF blocks of type `qtype` (a GGMLQuantizationType id), k values per
+row -> (t, n) float32. `torch.ops.gguf_serve.dequantize(w, qtype, k)` -> (n, k) float32.
+Device kernels register themselves for their dispatch key (CPU: csrc/quant_cpu.cpp)
+and win over the CompositeExplicitAutograd reference; fake kernels let torch.compile
+trace through them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.ops import reference
+
+LIB = torch.library.Library("gguf_serve", "DEF")
+LIB.define("qmatmul(Tensor x, Tensor w, int qtype, int k) -> Tensor")
+LIB.define("dequantize(Tensor w, int qtype, int k) -> Tensor")
+LIB.impl("qmatmul", reference.qmatmul, "CompositeExplicitAutograd")
+LIB.impl("dequantize", reference.dequantize, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("gguf_serve::qmatmul")
+def _qmatmul_fake(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+
+
+@torch.library.register_fake("gguf_serve::dequantize")
+def _dequantize_fake(w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    return w.new_empty((w.shape[0], k), dtype=torch.float32)

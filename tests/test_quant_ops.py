@@ -1,0 +1,93 @@
+"""The quantized ops (runtime/ops) against their plain-torch reference, on every CPU build this machine runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+
+from runtime import ops
+from runtime.ops import reference
+from runtime.ops.cpu_extension import load
+from tests.test_dequantize import random_tensor
+
+TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
+         T.IQ4_NL, T.IQ4_XS, T.F16, T.BF16]  # fmt: skip
+# float32 sums in another order than torch's GEMM: a few ulps of the largest output.
+REL = 2e-6
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    ops.use_cpu_kernels()
+    return load()
+
+
+def isas() -> list[str]:
+    return list(load().use_isa(""))
+
+
+def weight(qt: T, n: int, k: int, seed: int = 0) -> torch.Tensor:
+    bs, _ = GGML_QUANT_SIZES[qt]
+    return torch.from_numpy(random_tensor(qt, n * k // bs, seed=seed).copy()).view(n, -1)
+
+
+@pytest.fixture(params=["avx512", "avx2", "baseline"])
+def isa(request, kernels):
+    if request.param not in isas():
+        pytest.skip(f"this CPU cannot run the {request.param} build")
+    kernels.use_isa(request.param)
+    yield request.param
+    kernels.use_isa(isas()[0])
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=lambda q: q.name)
+def test_dequantize_bit_exact(qt, isa):
+    w = weight(qt, 37, 512)
+    assert torch.equal(ops.dequantize(w, int(qt), 512), reference.dequantize(w, int(qt), 512))
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=lambda q: q.name)
+def test_qmatmul_matches_reference(qt, isa):
+    k = 512 if GGML_QUANT_SIZES[qt][0] == 256 else 96  # odd block counts per row
+    w = weight(qt, 45, k, seed=1)  # 45 rows: uneven thread chunks
+    for t in (1, 2, 3, 4, 5, 8, 9, 64):  # the fused 1-4 row groups, their remainders, the GEMM path
+        x = torch.randn(t, k, generator=torch.Generator().manual_seed(t))
+        want = reference.qmatmul(x, w, int(qt), k)
+        got = ops.qmatmul(x, w, int(qt), k)
+        assert got.shape == (t, 45) and got.dtype == torch.float32
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        assert err < REL, f"{qt.name} t={t}: relative error {err:.2e}"
+
+
+def test_threads_do_not_change_results(kernels):
+    w = weight(T.Q4_K, 1000, 256)
+    x = torch.randn(3, 256)
+    one = ops.qmatmul(x, w, int(T.Q4_K), 256)
+    try:
+        ops.set_num_threads(2)
+        assert torch.equal(ops.qmatmul(x, w, int(T.Q4_K), 256), one)
+    finally:
+        ops.set_num_threads(0)
+
+
+def test_fake_kernels_and_schema(kernels):
+    """torch.library's own consistency checks (schema, fake kernel, no aliasing)."""
+    w = weight(T.Q8_0, 8, 64)
+    torch.library.opcheck(torch.ops.gguf_serve.qmatmul, (torch.randn(2, 64), w, int(T.Q8_0), 64))
+    torch.library.opcheck(torch.ops.gguf_serve.dequantize, (w, int(T.Q8_0), 64))
+
+
+def test_bad_input_is_an_error_not_a_crash(kernels):
+    w = weight(T.Q8_0, 4, 64)
+    with pytest.raises(RuntimeError, match="x must be"):
+        ops.qmatmul(torch.randn(2, 32), w, int(T.Q8_0), 64)
+    with pytest.raises(RuntimeError, match="uint8"):
+        ops.qmatmul(torch.randn(2, 64), w.float(), int(T.Q8_0), 64)
+    with pytest.raises(RuntimeError, match="no CPU kernel"):
+        ops.qmatmul(torch.randn(2, 64), w, 99, 64)
+    with pytest.raises(RuntimeError, match="do not hold"):  # rows too short: never read past them
+        ops.qmatmul(torch.randn(2, 128), w, int(T.Q8_0), 128)
+    with pytest.raises(RuntimeError, match="do not hold"):
+        ops.dequantize(w, int(T.Q4_K), 64)

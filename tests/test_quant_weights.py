@@ -1,0 +1,73 @@
+"""Weights kept in GGUF blocks (--weights quant): the same model as dense weights, in the file's bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.config import EngineConfig
+from runtime.engine import Engine
+from runtime.layers.linear import Linear, QuantLinear, QuantWeight
+from runtime.loader import load_model
+from runtime.sampling_params import SamplingParams
+from scripts.make_tiny_gguf import BOS_ID, write_tiny_gguf
+
+TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "F16"]
+
+
+def _projections(model) -> list:
+    return [getattr(layer, n) for layer in model.layers for n in ("q", "k", "v", "o", "gate", "up", "down")]
+
+
+def _decode_logits(path, weights: str) -> torch.Tensor:
+    """Logits of 6 decode steps of 3 sequences at once: the small-batch (matrix-vector) kernels."""
+    engine = Engine(EngineConfig(model_path=str(path), n_ctx=256, n_parallel=3, weights=weights))
+    g = torch.Generator().manual_seed(1)
+    prompts = [[BOS_ID] + torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 19, 11)]
+    seen: list[torch.Tensor] = []
+    forward = engine.runner.model.forward
+
+    def spy(batch, cache):
+        out = forward(batch, cache)
+        seen.append(out.clone())
+        return out
+
+    engine.runner.model.forward = spy  # type: ignore[method-assign]
+    engine.generate(prompts, SamplingParams(temperature=0.0, n_predict=6, ignore_eos=True))
+    return torch.cat(seen)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_quant_equals_dense_on_tiny_models(tmp_path, qtype):
+    path = write_tiny_gguf(tmp_path / f"{qtype}.gguf", "llama", qtype)
+    quant, dense = _decode_logits(path, "quant"), _decode_logits(path, "dense")
+    assert quant.shape == dense.shape and quant.shape[0] >= 6
+    err = ((quant - dense).abs().max() / dense.abs().max()).item()
+    assert err < 1e-5, f"{qtype}: quant vs dense relative error {err:.2e}"
+
+
+def test_quant_mode_keeps_the_blocks(tmp_path):
+    path = write_tiny_gguf(tmp_path / "q.gguf", "gemma3", "Q4_K")
+    q, d = load_model(path, weights="quant"), load_model(path, weights="dense")
+    assert all(isinstance(p, QuantLinear) for p in _projections(q.model))
+    assert all(isinstance(p, Linear) for p in _projections(d.model))
+    emb = q.model.embed.weight
+    assert isinstance(emb, QuantWeight) and emb.data.dtype == torch.uint8
+    assert q.model.output.weight is emb  # tied head: the same bytes, not a copy
+    assert q.weight_bytes < d.weight_bytes
+
+
+def test_default_model_resident_weights_fit_the_file(default_model_path):
+    """Quant mode holds at most 1.1x the GGUF file's tensor bytes (the issue's bound)."""
+    loaded = load_model(default_model_path, weights="quant")
+    file_bytes = loaded.gguf.tensor_bytes
+    assert loaded.weight_bytes <= 1.1 * file_bytes, (loaded.weight_bytes, file_bytes)
+    big = [p.weight for p in _projections(loaded.model)] + [loaded.model.embed.weight]
+    assert all(isinstance(w, QuantWeight) for w in big)
+
+
+def test_weights_option_is_validated():
+    from runtime.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="weights must be one of"):
+        EngineConfig(model_path="x.gguf", weights="int4")
