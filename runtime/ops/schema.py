@@ -3,9 +3,9 @@
 `torch.ops.gguf_serve.qmatmul(x, w, qtype, k)`: x (t, k) float @ W^T, W (n, row_bytes)
 uint8 rows of GGUF blocks of type `qtype` (a GGMLQuantizationType id), k values per
 row -> (t, n) float32. `torch.ops.gguf_serve.dequantize(w, qtype, k)` -> (n, k) float32.
-Device kernels register themselves for their dispatch key (CPU: csrc/quant_cpu.cpp)
-and win over the CompositeExplicitAutograd reference; fake kernels let torch.compile
-trace through them.
+Device kernels register themselves for their dispatch key (CPU: csrc/quant_cpu.cpp,
+CUDA: triton_kernels.py) and win over the CompositeExplicitAutograd reference, which
+is what MPS and other devices run; fake kernels let torch.compile trace through them.
 """
 
 from __future__ import annotations
@@ -19,6 +19,21 @@ LIB.define("qmatmul(Tensor x, Tensor w, int qtype, int k) -> Tensor")
 LIB.define("dequantize(Tensor w, int qtype, int k) -> Tensor")
 LIB.impl("qmatmul", reference.qmatmul, "CompositeExplicitAutograd")
 LIB.impl("dequantize", reference.dequantize, "CompositeExplicitAutograd")
+
+
+def use_cuda_kernels() -> bool:
+    """Register the Triton kernels for CUDA tensors (Triton ships with CUDA builds of torch)."""
+    try:
+        from runtime.ops import triton_kernels
+    except ImportError:
+        return False
+    LIB.impl("qmatmul", triton_kernels.qmatmul, "CUDA")
+    LIB.impl("dequantize", triton_kernels.dequantize, "CUDA")
+    return True
+
+
+if torch.cuda.is_available():
+    use_cuda_kernels()
 
 
 @torch.library.register_fake("gguf_serve::qmatmul")
