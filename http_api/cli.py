@@ -30,6 +30,7 @@ class ServerSettings:
     n_predict: int = -1
     dtype: str = "float32"
     weights: str = "quant"
+    use_mmap: bool = True  # quant weights as views of the file's memory map (--no-mmap: copies)
     device: str = "cpu"
     host: str = "127.0.0.1"
     port: int = 8080
@@ -87,7 +88,7 @@ _FLAGS: list[_Flag] = [
     (_COMMON, ("-cb", "--cont-batching"), dict(action="store_true", help="continuous batching (always on)")),
     (_COMMON, ("-nocb", "--no-cont-batching"), dict(action="store_true", default=None, help="(not supported)")),
     (_COMMON, ("--mlock",), dict(action="store_true", default=None, help="keep the model in RAM (not supported yet)")),
-    (_COMMON, ("--no-mmap",), dict(action="store_true", help="accepted: weights are read into tensors at load")),
+    (_COMMON, ("--no-mmap",), dict(action="store_true", help="copy the quantized weights into memory instead of mapping the file")),
     (_COMMON, ("--numa",), dict(metavar="TYPE", help="NUMA optimizations (not supported yet)")),
     (_COMMON, ("-ngl", "--gpu-layers", "--n-gpu-layers"), dict(dest="n_gpu_layers", metavar="N", help="accepted: the whole model runs on --device")),
     (_COMMON, ("-mg", "--main-gpu"), dict(type=int, metavar="INDEX", help="GPU index when --device is cuda")),
@@ -188,10 +189,6 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
             "-ngl/--n-gpu-layers %s has no effect: --device is cpu (use --device cuda)",
             a.n_gpu_layers,
         )
-    if a.no_mmap:
-        log.info(
-            "--no-mmap: weights are read into torch tensors at load; the file is not kept mapped"
-        )
     return ServerSettings(
         model=a.model,
         alias=a.alias,
@@ -203,6 +200,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
         n_predict=a.n_predict,
         dtype=a.dtype,
         weights=a.weights,
+        use_mmap=not a.no_mmap,
         device=device,
         host=a.host,
         port=a.port,

@@ -78,8 +78,9 @@ def load_engine(settings: ServerSettings) -> Engine:
         n_threads=settings.n_threads,
         n_threads_batch=settings.n_threads_batch,
         weights=settings.weights,
+        use_mmap=settings.use_mmap,
     )
-    loaded = load_model(path, cfg.torch_dtype, cfg.device, cfg.weights)
+    loaded = load_model(path, cfg.torch_dtype, cfg.device, cfg.weights, cfg.use_mmap)
     if settings.n_ctx == 0:  # llama.cpp's -c 0: the model's training context
         cfg = replace(cfg, n_ctx=loaded.config.context_length)
     return Engine(cfg, loaded)

@@ -153,6 +153,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"  # activations and dense weights
     weights: str = "quant"  # "quant": matrices stay in GGUF blocks (runtime/ops); "dense": dequantized
+    use_mmap: bool = True  # quant weights are views of the file's memory map; False: copied into RAM
     n_ctx: int = 4096  # KV pool, in tokens (all slots share it)
     block_size: int = 16  # tokens per KV block
     n_parallel: int = 8  # slots: concurrent requests

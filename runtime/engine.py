@@ -46,7 +46,9 @@ class Engine:
         self.cfg = cfg
         if cfg.n_threads:
             torch.set_num_threads(cfg.n_threads)
-        self.loaded = loaded or load_model(cfg.model_path, cfg.torch_dtype, cfg.device, cfg.weights)
+        self.loaded = loaded or load_model(
+            cfg.model_path, cfg.torch_dtype, cfg.device, cfg.weights, cfg.use_mmap
+        )
         self.tokenizer = self.loaded.tokenizer
         self.sampler_vocab = SamplerVocab.from_tokenizer(self.tokenizer)
         self.runner = ModelRunner(self.loaded, cfg)

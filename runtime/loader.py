@@ -41,12 +41,17 @@ _DENSE_TYPES = {"F32"}
 
 
 def load_model(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", weights: str = "quant"
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    weights: str = "quant",
+    use_mmap: bool = True,
 ) -> LoadedModel:
     """Read and validate a GGUF model and place its weights; errors are one-line GGUFErrors.
 
     weights="quant" keeps every quantized (and F16/BF16) matrix in its GGUF blocks,
-    zero-copy from the file's memory map on the CPU, and runs it through runtime/ops;
+    zero-copy from the file's memory map on the CPU (use_mmap=False: copied into
+    memory, like llama.cpp's --no-mmap), and runs it through runtime/ops;
     weights="dense" dequantizes everything to `dtype` at load.
     """
     if weights not in WEIGHTS:
@@ -81,7 +86,7 @@ def load_model(
             raise GGUFError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape}")
         used.add(name)
         if quant and len(shape) == 2 and t.qtype.name not in _DENSE_TYPES:
-            w = _blocks(name, t.data, t.qtype, shape, dev)
+            w = _blocks(name, t.data, t.qtype, shape, dev, copy=not use_mmap)
             resident += w.nbytes
             return w
         # Norm weights stay float32: rms_norm multiplies in float32 anyway.
@@ -105,8 +110,11 @@ def load_model(
     )
 
 
-def _blocks(name: str, raw: object, qtype: object, shape: tuple[int, ...], dev: torch.device) -> QuantWeight:
-    """The tensor's GGUF blocks as (rows, row_bytes) uint8, a view of the memory map on the CPU."""
+def _blocks(
+    name: str, raw: object, qtype: object, shape: tuple[int, ...], dev: torch.device, copy: bool
+) -> QuantWeight:
+    """The tensor's GGUF blocks as (rows, row_bytes) uint8: a view of the memory map on the CPU
+    unless `copy`."""
     try:
         qt = quant_type(qtype)  # type: ignore[arg-type]
     except GGUFError as e:
@@ -122,4 +130,7 @@ def _blocks(name: str, raw: object, qtype: object, shape: tuple[int, ...], dev: 
         # The map is read-only and torch warns about that; the ops only ever read weights.
         warnings.simplefilter("ignore", UserWarning)
         data = torch.from_numpy(flat).view(n, row_bytes)
-    return QuantWeight(data.to(dev), int(qt.qtype), (n, k))
+    data = data.to(dev)
+    if copy and data.data_ptr() == flat.ctypes.data:
+        data = data.clone()
+    return QuantWeight(data, int(qt.qtype), (n, k))

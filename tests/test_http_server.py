@@ -47,8 +47,9 @@ def test_flags_map_to_settings(tmp_path, llama3_tiny_path):
         "-m", str(llama3_tiny_path), "-c", "512", "-np", "2", "-b", "256", "-ub", "1024", "-t", "2", "-n", "64",
         "--host", "0.0.0.0", "--port", "9000", "-a", "tiny", "--api-key", "k1", "--api-key-file", str(keys),
         "--metrics", "--no-slots", "--chat-template", "chatml", "--dtype", "bfloat16", "-to", "30",
-        "--log-format", "json", "-cb", "--threads-http", "4",
+        "--log-format", "json", "-cb", "--threads-http", "4", "-tb", "3", "--weights", "dense", "--no-mmap",
     ])  # fmt: skip
+    assert (s.n_threads_batch, s.weights, s.use_mmap) == (3, "dense", False)
     assert (s.model, s.n_ctx, s.n_parallel, s.n_batch, s.n_threads, s.n_predict) == (
         str(llama3_tiny_path),
         512,
@@ -61,6 +62,8 @@ def test_flags_map_to_settings(tmp_path, llama3_tiny_path):
     assert s.metrics and not s.slots and s.chat_template == "chatml" and s.dtype == "bfloat16"
     assert s.timeout == 30 and s.log_format == "json"
     assert not parse_args(["--slots-endpoint-disable"]).slots
+    d = parse_args([])
+    assert (d.weights, d.use_mmap, d.n_threads_batch) == ("quant", True, 0)
 
 
 @pytest.mark.parametrize(

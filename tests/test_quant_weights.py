@@ -57,6 +57,19 @@ def test_quant_mode_keeps_the_blocks(tmp_path):
     assert q.weight_bytes < d.weight_bytes
 
 
+def test_mmap_views_or_copies(tmp_path):
+    """Quant weights are views of the file's map, or private copies with use_mmap=False (--no-mmap)."""
+    import numpy as np
+
+    path = write_tiny_gguf(tmp_path / "m.gguf", "llama", "Q8_0")
+    for use_mmap in (True, False):
+        loaded = load_model(path, weights="quant", use_mmap=use_mmap)
+        mapped = loaded.gguf.tensor("token_embd.weight").data
+        emb = loaded.model.embed.weight
+        assert isinstance(emb, QuantWeight)
+        assert np.shares_memory(emb.data.numpy(), mapped) == use_mmap
+
+
 def test_default_model_resident_weights_fit_the_file(default_model_path):
     """Quant mode holds at most 1.1x the GGUF file's tensor bytes (the issue's bound)."""
     loaded = load_model(default_model_path, weights="quant")
