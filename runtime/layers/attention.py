@@ -1,4 +1,4 @@
-"""Attention over the paged KV cache: the plain-torch reference path, one sequence at a time."""
+"""Attention over the paged KV cache in plain torch: decode rows batched, prompt chunks one sequence at a time."""
 
 from __future__ import annotations
 
@@ -28,7 +28,12 @@ def paged_attention(
     """
     cache.write(layer, batch.slot_mapping, k, v)
     out = torch.empty(q.shape[0], q.shape[1], cache.v[layer].shape[-1], dtype=q.dtype, device=q.device)
+    decode = [b for b, s in enumerate(batch.seqs) if s.n_new == 1]
+    if decode:
+        _decode_rows(q, out, cache, layer, batch, decode, scale, sliding_window, softcap)
     for b, s in enumerate(batch.seqs):
+        if s.n_new == 1:
+            continue
         first_q = s.n_ctx - s.n_new  # cache index of this sequence's first new token
         lo = max(0, first_q - sliding_window + 1) if sliding_window else 0
         ks, vs = cache.gather(layer, batch.block_tables[b], lo, s.n_ctx)  # (S, KVH, D)
@@ -40,6 +45,56 @@ def paged_attention(
             mask &= k_idx > q_idx - sliding_window
         out[s.start : s.start + s.n_new] = _attend(qs, ks.to(q.dtype), vs.to(q.dtype), mask, scale, softcap)
     return out
+
+
+def _decode_rows(
+    q: torch.Tensor,
+    out: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    batch: ForwardBatch,
+    rows: list[int],
+    scale: float,
+    window: int,
+    softcap: float,
+) -> None:
+    """One attention call for every sequence with a single new token (decode), into out's rows.
+
+    Each sequence's visible keys are gathered from whole blocks, from the block of its
+    first visible key on, and the tail is masked; a sequence alone takes the very same
+    path (B = 1), and masked keys add exact zeros, so its output does not depend on
+    what else is in the batch.
+    """
+    bs = cache.block_size
+    seqs = [batch.seqs[b] for b in rows]
+    lo = [max(0, s.n_ctx - window) if window else 0 for s in seqs]  # first visible key
+    first = [x // bs for x in lo]
+    width = max(-(-s.n_ctx // bs) - f for s, f in zip(seqs, first))
+    tables = batch.block_tables[rows]  # (B, M), padded with block 0
+    if tables.shape[1] < max(first) + width:  # room for every window: pad with block 0
+        tables = torch.nn.functional.pad(tables, (0, max(first) + width - tables.shape[1]))
+    cols = torch.tensor(first, device=q.device)[:, None] + torch.arange(width, device=q.device)
+    sel = tables.gather(1, cols)  # (B, width) block ids
+    k = cache.k[layer][sel].flatten(1, 2).to(q.dtype)  # (B, S, KVH, D), S = width * bs
+    v = cache.v[layer][sel].flatten(1, 2).to(q.dtype)
+    pos = cols[:, :1] * bs + torch.arange(width * bs, device=q.device)  # (B, S) key positions
+    n_ctx = torch.tensor([s.n_ctx for s in seqs], device=q.device)[:, None]
+    mask = (pos < n_ctx) & (pos >= torch.tensor(lo, device=q.device)[:, None])
+    starts = torch.tensor([s.start for s in seqs], device=q.device)
+    qb = q[starts].unsqueeze(2)  # (B, H, 1, D)
+    kb, vb = k.transpose(1, 2), v.transpose(1, 2)  # (B, KVH, S, D)
+    m = mask[:, None, None, :]  # (B, 1, 1, S)
+    if not softcap:
+        o = F.scaled_dot_product_attention(
+            qb, kb, vb, attn_mask=m, scale=scale, enable_gqa=kb.shape[1] != qb.shape[1]
+        )
+    else:
+        group = qb.shape[1] // kb.shape[1]
+        kb, vb = kb.repeat_interleave(group, 1), vb.repeat_interleave(group, 1)
+        scores = torch.matmul(qb.float(), kb.float().transpose(2, 3)) * scale  # (B, H, 1, S)
+        scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~m, float("-inf"))
+        o = torch.matmul(scores.softmax(-1), vb.float()).to(q.dtype)
+    out[starts] = o.squeeze(2)  # (B, H, Dv)
 
 
 def _attend(
