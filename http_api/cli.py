@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.config import DTYPES, WEIGHTS
+from runtime.config import DTYPES, GEMM_DTYPES, WEIGHTS
 
 log = logging.getLogger("gguf_serve")
 
@@ -31,6 +31,7 @@ class ServerSettings:
     dtype: str = "float32"
     weights: str = "quant"
     use_mmap: bool = True  # quant weights as views of the file's memory map (--no-mmap: copies)
+    gemm_dtype: str = "float32"
     device: str = "cpu"
     host: str = "127.0.0.1"
     port: int = 8080
@@ -124,6 +125,7 @@ _FLAGS: list[_Flag] = [
     (_SERVER, ("--chat-template",), dict(metavar="JINJA_TEMPLATE", help="built-in template name or Jinja source")),
     (_SERVER, ("--chat-template-file",), dict(metavar="FNAME", help="file holding a Jinja chat template")),
     (_OURS, ("--dtype",), dict(choices=sorted(DTYPES), default="float32", help="activation and dense weight dtype")),
+    (_OURS, ("--gemm-dtype",), dict(choices=GEMM_DTYPES, default="float32", help="matmul type of steps over 8 tokens with --weights quant: bfloat16 is ~2x faster for prompts but rounds, so outputs can depend on the batch")),
     (_OURS, ("--weights",), dict(choices=WEIGHTS, default="quant", help="quant: weights stay in GGUF blocks (quantized kernels); dense: dequantized to --dtype at load")),
     (_OURS, ("--grpc-port",), dict(type=int, default=50051, help="gRPC port beside HTTP, same engine (default: 50051; 0 disables)")),
     (_OURS, ("--no-http",), dict(dest="http", action="store_false", help="serve gRPC only")),
@@ -201,6 +203,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
         dtype=a.dtype,
         weights=a.weights,
         use_mmap=not a.no_mmap,
+        gemm_dtype=a.gemm_dtype,
         device=device,
         host=a.host,
         port=a.port,

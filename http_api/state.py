@@ -79,6 +79,7 @@ def load_engine(settings: ServerSettings) -> Engine:
         n_threads_batch=settings.n_threads_batch,
         weights=settings.weights,
         use_mmap=settings.use_mmap,
+        gemm_dtype=settings.gemm_dtype,
     )
     loaded = load_model(path, cfg.torch_dtype, cfg.device, cfg.weights, cfg.use_mmap)
     if settings.n_ctx == 0:  # llama.cpp's -c 0: the model's training context

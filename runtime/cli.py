@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from runtime.config import DTYPES, WEIGHTS, EngineConfig
+from runtime.config import DTYPES, GEMM_DTYPES, WEIGHTS, EngineConfig
 from runtime.errors import GGUFServeError
 from runtime.sampling_params import SamplingParams
 
@@ -27,6 +27,10 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("-tb", "--threads-batch", type=int, default=0, help="threads for the prompt (0: -t)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="activation/weight dtype")
+    p.add_argument(
+        "--gemm-dtype", choices=GEMM_DTYPES, default="float32",
+        help="matmul type of prompt batches with --weights quant (bfloat16: ~2x faster, rounded)",
+    )  # fmt: skip
     p.add_argument(
         "--weights", choices=WEIGHTS, default="quant",
         help="quant: keep GGUF blocks and run quantized kernels; dense: dequantize at load",
@@ -52,6 +56,7 @@ def _run(args: argparse.Namespace) -> int:
         n_threads=args.threads,
         n_threads_batch=args.threads_batch,
         weights=args.weights,
+        gemm_dtype=args.gemm_dtype,
     )
     params = SamplingParams(
         temperature=args.temp,

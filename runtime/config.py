@@ -142,6 +142,7 @@ class Metadata:
 
 
 WEIGHTS = ("quant", "dense")
+GEMM_DTYPES = ("float32", "bfloat16")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -154,6 +155,9 @@ class EngineConfig:
     dtype: str = "float32"  # activations and dense weights
     weights: str = "quant"  # "quant": matrices stay in GGUF blocks (runtime/ops); "dense": dequantized
     use_mmap: bool = True  # quant weights are views of the file's memory map; False: copied into RAM
+    # Matmul type of quant weights in steps over 8 tokens (prompts, big batches) on the CPU.
+    # bfloat16 is about twice as fast but rounds, so a row's result then depends on its batch.
+    gemm_dtype: str = "float32"
     n_ctx: int = 4096  # KV pool, in tokens (all slots share it)
     block_size: int = 16  # tokens per KV block
     n_parallel: int = 8  # slots: concurrent requests
@@ -169,6 +173,8 @@ class EngineConfig:
         for name in ("n_ctx", "block_size", "n_parallel", "n_batch"):
             if getattr(self, name) <= 0:
                 raise InvalidRequestError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.gemm_dtype not in GEMM_DTYPES:
+            raise InvalidRequestError(f"gemm_dtype must be one of {list(GEMM_DTYPES)}, got {self.gemm_dtype!r}")
         if self.weights not in WEIGHTS:
             raise InvalidRequestError(f"weights must be one of {list(WEIGHTS)}, got {self.weights!r}")
         for name in ("n_threads", "n_threads_batch"):

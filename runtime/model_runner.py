@@ -32,6 +32,8 @@ class ModelRunner:
         # which run on their own threads; torch's many tiny ops then run on one thread,
         # since each of its parallel regions waits for every thread (slow on a busy machine).
         self.kernel_threads = loaded.weights == "quant" and self.device.type == "cpu"
+        if self.kernel_threads:
+            ops.set_gemm_dtype(cfg.gemm_dtype)
 
     def _set_threads(self, num_tokens: int) -> None:
         small = num_tokens <= SMALL_STEP

@@ -74,6 +74,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--weights", default="quant", choices=["quant", "dense"])
+    ap.add_argument("--gemm-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=1, help="parallel decode streams")
@@ -93,7 +94,8 @@ def main() -> int:
     most = max([args.concurrency, *args.clients])
     n_ctx = max(4096, (max(args.prompt_tokens, args.prompt_tokens_served) + args.decode_tokens + 16) * most)
     cfg = EngineConfig(
-        model_path=path, dtype=args.dtype, weights=args.weights, n_threads=args.threads, n_ctx=n_ctx,
+        model_path=path, dtype=args.dtype, weights=args.weights, gemm_dtype=args.gemm_dtype,
+        n_threads=args.threads, n_ctx=n_ctx,
         n_parallel=most, n_batch=max(2048, args.prompt_tokens),
     )
     engine = Engine(cfg)
@@ -129,6 +131,7 @@ def main() -> int:
         "model": Path(path).name,
         "dtype": args.dtype,
         "weights": args.weights,
+        "gemm_dtype": args.gemm_dtype,
         "weight_mb": round(engine.loaded.weight_bytes / 1e6, 1),
         "file_tensor_mb": round(engine.loaded.gguf.tensor_bytes / 1e6, 1),
         "threads": args.threads,

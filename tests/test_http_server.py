@@ -48,8 +48,9 @@ def test_flags_map_to_settings(tmp_path, llama3_tiny_path):
         "--host", "0.0.0.0", "--port", "9000", "-a", "tiny", "--api-key", "k1", "--api-key-file", str(keys),
         "--metrics", "--no-slots", "--chat-template", "chatml", "--dtype", "bfloat16", "-to", "30",
         "--log-format", "json", "-cb", "--threads-http", "4", "-tb", "3", "--weights", "dense", "--no-mmap",
+        "--gemm-dtype", "bfloat16",
     ])  # fmt: skip
-    assert (s.n_threads_batch, s.weights, s.use_mmap) == (3, "dense", False)
+    assert (s.n_threads_batch, s.weights, s.use_mmap, s.gemm_dtype) == (3, "dense", False, "bfloat16")
     assert (s.model, s.n_ctx, s.n_parallel, s.n_batch, s.n_threads, s.n_predict) == (
         str(llama3_tiny_path),
         512,

@@ -61,6 +61,24 @@ def test_qmatmul_matches_reference(qt, isa):
         assert err < REL, f"{qt.name} t={t}: relative error {err:.2e}"
 
 
+def test_bfloat16_gemm_is_close_and_opt_in(kernels):
+    w = weight(T.Q4_K, 64, 512)
+    x = torch.randn(32, 512)
+    exact = ops.qmatmul(x, w, int(T.Q4_K), 512)
+    assert torch.equal(exact, reference.qmatmul(x, w, int(T.Q4_K), 512))  # float32 is the default
+    try:
+        ops.set_gemm_dtype("bfloat16")
+        fast = ops.qmatmul(x, w, int(T.Q4_K), 512)
+        small = ops.qmatmul(x[:8], w, int(T.Q4_K), 512)  # up to 8 rows: float32 kernels still
+    finally:
+        ops.set_gemm_dtype("float32")
+    err = ((fast - exact).abs().max() / exact.abs().max()).item()
+    assert 0 < err < 2e-2, err
+    assert ((small - exact[:8]).abs().max() / exact.abs().max()).item() < REL
+    with pytest.raises(ValueError, match="gemm dtype"):
+        ops.set_gemm_dtype("int8")
+
+
 def test_threads_do_not_change_results(kernels):
     w = weight(T.Q4_K, 1000, 256)
     x = torch.randn(3, 256)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from runtime.config import GEMM_DTYPES
 from runtime.ops import schema as _schema  # noqa: F401  (defines torch.ops.gguf_serve.*)
 from runtime.ops.cpu_extension import KernelBuildError, load
 
@@ -23,6 +24,13 @@ def set_num_threads(n: int) -> None:
     load().set_num_threads(n)
 
 
+def set_gemm_dtype(dtype: str) -> None:
+    """The matmul type of steps over 8 tokens on the CPU: "float32" (exact) or "bfloat16" (~2x)."""
+    if dtype not in GEMM_DTYPES:
+        raise ValueError(f"gemm dtype must be one of {GEMM_DTYPES}, got {dtype!r}")
+    load().set_gemm_bf16(dtype == "bfloat16")
+
+
 def qmatmul(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """x (t, k) @ W^T for W (n, row_bytes) uint8 GGUF blocks -> (t, n) float32."""
     return torch.ops.gguf_serve.qmatmul(x, w, qtype, k)
@@ -33,4 +41,7 @@ def dequantize(w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     return torch.ops.gguf_serve.dequantize(w, qtype, k)
 
 
-__all__ = ["KernelBuildError", "dequantize", "qmatmul", "set_num_threads", "use_cpu_kernels"]
+__all__ = [
+    "GEMM_DTYPES", "KernelBuildError", "dequantize", "qmatmul", "set_gemm_dtype",
+    "set_num_threads", "use_cpu_kernels",
+]  # fmt: skip

@@ -459,6 +459,22 @@ static void fused_rows(const uint8_t* w, int64_t row_bytes, const float* x, floa
         }
     }
 }
+// Rows [r0, r1) of W decoded into y (n, k) through the register decoders.
+template <int BS, int TS, Decoder V>
+static void fused_dequant(const uint8_t* w, int64_t row_bytes, float* y, int64_t k, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* row = w + r * row_bytes;
+        float* out = y + r * k;
+        for (int64_t b = 0; b < k / BS; ++b)
+            for (int g = 0; g < BS / 32; ++g) {
+                __m512 lo, hi;
+                V(row + b * TS, g, lo, hi);
+                _mm512_storeu_ps(out + b * BS + g * 32, lo);
+                _mm512_storeu_ps(out + b * BS + g * 32 + 16, hi);
+            }
+    }
+}
+
 #define QK_FUSED(X)                 \
     X(QT_Q4_0, 32, 18, v_q4_0)      \
     X(QT_Q4_1, 32, 20, v_q4_1)      \
@@ -514,6 +530,17 @@ static bool matvec(int qtype, const uint8_t* w, int64_t row_bytes, const float* 
 
 static bool dequant(int qtype, const uint8_t* w, int64_t row_bytes, float* y, int64_t k, int64_t r0,
                     int64_t r1) {
+#if QK_X86 == 3
+    switch (qtype) {
+#define QK_CASE(id, bs, ts, fn)                                 \
+    case id:                                                    \
+        fused_dequant<bs, ts, fn>(w, row_bytes, y, k, r0, r1); \
+        return true;
+        QK_FUSED(QK_CASE)
+#undef QK_CASE
+        default: break;
+    }
+#endif
     switch (qtype) {
 #define QK_CASE(id, bs, ts, fn)                                  \
     case id:                                                     \
