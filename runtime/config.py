@@ -158,6 +158,9 @@ class EngineConfig:
     n_threads: int = 0  # 0: leave torch's default
     prefix_caching: bool = True  # share KV blocks between prompts that start alike
     context_shift: bool = True  # a full context drops half its middle instead of stopping
+    embeddings: bool = False  # accept embedding requests (llama.cpp's --embeddings)
+    pooling: str | None = None  # --pooling none|mean|cls|last; None: the model's own
+    max_queue: int = 0  # requests waiting for a slot at most; 0: no limit
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -167,6 +170,12 @@ class EngineConfig:
                 raise InvalidRequestError(f"{name} must be positive, got {getattr(self, name)}")
         if self.n_threads < 0:
             raise InvalidRequestError(f"n_threads must be >= 0, got {self.n_threads}")
+        if self.max_queue < 0:
+            raise InvalidRequestError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.pooling is not None:
+            from runtime.pooling import Pooling
+
+            Pooling.parse(self.pooling)
 
     @property
     def torch_dtype(self) -> torch.dtype:

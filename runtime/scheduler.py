@@ -10,6 +10,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from runtime.block_manager import BlockManager
 from runtime.request import Request, RequestOutput, Status, TokenLogprob
@@ -40,8 +41,9 @@ class SchedulerOutput:
 
 @dataclass(frozen=True)
 class SampledToken:
-    token_id: int
+    token_id: int  # -1 for an embedding request
     logprob: TokenLogprob | None = None
+    embedding: Any = None  # an embedding request's pooled hidden states (a torch.Tensor)
 
 
 class Scheduler:
@@ -127,7 +129,9 @@ class Scheduler:
         # At least one token must be computed to get logits, so a prompt that is
         # entirely cached still recomputes its last token (in a fresh block).
         bm.hashes(req.token_ids, req.block_hashes)
-        hit = bm.match_prefix(req.block_hashes[: (req.num_tokens - 1) // bm.block_size])
+        # An embedding request pools every token's hidden state, so it recomputes them all.
+        full = 0 if req.pooling is not None else (req.num_tokens - 1) // bm.block_size
+        hit = bm.match_prefix(req.block_hashes[:full])
         start = len(hit) * bm.block_size
         n = min(req.num_tokens - start, budget)
         need = bm.blocks_needed(start + n, len(hit))
@@ -275,6 +279,7 @@ class Scheduler:
                     slot_id=slot,
                     truncated=req.num_shifted_tokens > 0,
                     timings=req.timings(),
+                    embedding=tok.embedding,
                 )
             )
         return outputs
