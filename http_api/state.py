@@ -76,6 +76,9 @@ def load_engine(settings: ServerSettings) -> Engine:
         n_parallel=settings.n_parallel,
         n_batch=settings.n_batch,
         n_threads=settings.n_threads,
+        embeddings=settings.embedding,
+        pooling=settings.pooling,
+        max_queue=settings.max_queue,
     )
     loaded = load_model(path, cfg.torch_dtype, cfg.device)
     if settings.n_ctx == 0:  # llama.cpp's -c 0: the model's training context

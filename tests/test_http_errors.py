@@ -155,6 +155,15 @@ def test_disabled_or_later_endpoints_are_501(client, method, path):
     )
 
 
+@pytest.mark.parametrize("path", ["/embedding", "/embeddings", "/v1/embeddings"])
+def test_embeddings_without_the_flag_answer_as_llama_cpp(client, path):
+    r = client.post(path, json={"input": "x"})
+    assert r.status_code == 501
+    assert r.json()["error"]["message"] == (
+        "This server does not support embeddings. Start it with `--embeddings`"
+    )
+
+
 def test_a_rejected_stream_is_a_plain_json_400(client):
     r = client.post("/completion", json={"prompt": [99_999_999], "stream": True})
     assert_error(r, 400)
