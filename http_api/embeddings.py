@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -43,23 +41,6 @@ def embedding_inputs(loaded: Loaded, value: Any, field: str) -> list[list[int]]:
     if any(not p for p in prompts):  # a model that adds no BOS leaves an empty text empty
         raise bad_request("Input content cannot be empty")
     return prompts
-
-
-async def embed_all(loaded: Loaded, prompts: Sequence[Sequence[int]], n_slots: int) -> list[RequestOutput]:
-    """Every prompt through the engine (at most n_slots of them at once); the first error cancels the rest."""
-    gate = asyncio.Semaphore(max(n_slots, 1))
-
-    async def one(ids: Sequence[int]) -> RequestOutput:
-        async with gate:
-            return await loaded.engine.embed(ids)
-
-    tasks = [asyncio.ensure_future(one(p)) for p in prompts]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def vectors(out: RequestOutput, pooling: Pooling, embd_normalize: int) -> torch.Tensor:
@@ -104,7 +85,7 @@ async def _embeddings(request: Request, oai: bool) -> Response:
         raise bad_request(f"embd_normalize: must be >= -1, got {embd_normalize}")
     prompts = embedding_inputs(loaded, body[field], field)
     outs = await until_disconnected(
-        request, embed_all(loaded, prompts, state.settings.n_parallel)
+        request, loaded.engine.embed_many(prompts, state.settings.n_parallel)
     )
     rows = [vectors(o, pooling, embd_normalize) for o in outs]
     if not oai:

@@ -91,6 +91,25 @@ class AsyncEngine:
             await outputs.aclose()
         raise EngineError("the embedding request ended without a result")
 
+    async def embed_many(
+        self, prompts: Sequence[Sequence[int]], max_in_flight: int
+    ) -> list[RequestOutput]:
+        """embed() each prompt, at most max_in_flight at once (a big batch does not fill the queue);
+        results in order. The first error cancels (aborts) the others and is raised."""
+        gate = asyncio.Semaphore(max(max_in_flight, 1))
+
+        async def one(ids: Sequence[int]) -> RequestOutput:
+            async with gate:
+                return await self.embed(ids)
+
+        tasks = [asyncio.ensure_future(one(p)) for p in prompts]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _stream(self, add_request: Callable[[], str]) -> AsyncGenerator[RequestOutput, None]:
         if not self.is_running:
             raise EngineError("the engine is not running")

@@ -90,7 +90,7 @@ def test_unsupported_calls_are_unimplemented(loaded):
 
     errs = run(main())
     assert all(code == grpc.StatusCode.UNIMPLEMENTED for code, _ in errs)
-    assert errs[0][1] == "embeddings are not supported yet"
+    assert errs[0][1] == "This server does not support embeddings. Start it with `--embeddings`"
 
 
 # -- tokens, model, slots --------------------------------------------------------------------------
