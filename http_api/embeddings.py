@@ -74,7 +74,10 @@ async def _embeddings(request: Request, oai: bool) -> Response:
     if body.get("input") is not None:
         field = "input"
     elif body.get("content") is not None:
-        field, oai = "content", False  # "content" is not OpenAI's: llama.cpp answers in its own shape
+        field, oai = (
+            "content",
+            False,
+        )  # "content" is not OpenAI's: llama.cpp answers in its own shape
     else:
         raise bad_request('"input" or "content" must be provided')
     fmt = get(body, "encoding_format", str, "float")
@@ -104,4 +107,3 @@ async def _embeddings(request: Request, oai: bool) -> Response:
         "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
         "data": data,
     })  # fmt: skip
-

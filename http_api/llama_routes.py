@@ -201,7 +201,6 @@ def render_chat(loaded: Loaded, body: dict[str, Any]) -> str:
 
 # Routes of llama.cpp's server that later releases fill in.
 _LATER = {
-    "/infill": "infill (fill-in-the-middle)",
     "/rerank": "reranking",
     "/reranking": "reranking",
     "/v1/rerank": "reranking",
