@@ -161,6 +161,7 @@ class EngineConfig:
     embeddings: bool = False  # accept embedding requests (llama.cpp's --embeddings)
     pooling: str | None = None  # --pooling none|mean|cls|last; None: the model's own
     max_queue: int = 0  # requests waiting for a slot at most; 0: no limit
+    slot_save_path: str | None = None  # slot save/restore directory; None: slot actions are off
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -19,6 +19,7 @@ from runtime.request import Request, RequestOutput, Status
 from runtime.sampler import SamplerVocab, new_sampler_state
 from runtime.sampling_params import SamplingParams
 from runtime.scheduler import Scheduler
+from runtime.slot_store import SlotStore
 from runtime.stop_checker import StopChecker
 
 # What an embedding request runs with: its prompt is evaluated, nothing is generated.
@@ -73,6 +74,7 @@ class Engine:
             if cfg.pooling is not None
             else Pooling.of_model(self.loaded.gguf.metadata, self.loaded.config.arch)
         )
+        self.slot_store = SlotStore(cfg.slot_save_path) if cfg.slot_save_path else None
         self.requests: dict[str, Request] = {}
         self._text: dict[str, StopChecker] = {}
         self._ids = itertools.count()

@@ -69,6 +69,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.free_slots = set(range(max_running))  # llama.cpp's slots: the identity /slots shows
         self.running: list[Request] = []
+        # The context each slot last held (tokens in the KV cache when its request ended):
+        # what slot save writes and a restore fills in (llama.cpp's per-slot prompt cache).
+        self.slot_tokens: dict[int, list[int]] = {}
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -301,7 +304,16 @@ class Scheduler:
             self.free_slots.add(req.slot_id)
             req.slot_id = -1
 
+    def slot_context(self, slot: int) -> list[int]:
+        """The tokens a slot holds in the cache: its running request's, else its last one's."""
+        for req in self.running:
+            if req.slot_id == slot:
+                return req.token_ids[: req.num_computed_tokens]
+        return self.slot_tokens.get(slot, [])
+
     def _finish(self, req: Request, reason: str) -> None:
+        if req.slot_id >= 0:
+            self.slot_tokens[req.slot_id] = req.token_ids[: req.num_computed_tokens]
         self._release_slot(req)
         self.blocks.free(req.block_ids)
         req.block_ids = []
