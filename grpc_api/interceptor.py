@@ -1,7 +1,7 @@
 """The one place exceptions become gRPC status codes, and the API-key check; both as aio interceptors.
 
 InvalidRequestError -> INVALID_ARGUMENT (its message, the same the HTTP API
-gives), a queue-full error -> RESOURCE_EXHAUSTED, a feature the server was not
+gives; a busy slot FAILED_PRECONDITION), a queue-full error -> RESOURCE_EXHAUSTED, a feature the server was not
 started for -> UNIMPLEMENTED, EngineError and anything
 unexpected -> INTERNAL; the servicer raises RpcError for the rest (UNAVAILABLE
 while loading, UNIMPLEMENTED, ...). Nothing reaches grpc as an exception, so
@@ -39,6 +39,7 @@ class RpcError(Exception):
 
 # Most specific first.
 _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (errors.SlotBusyError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.NotSupportedError, grpc.StatusCode.UNIMPLEMENTED),

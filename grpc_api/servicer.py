@@ -23,6 +23,7 @@ from grpc_api.interceptor import RpcError
 from runtime.async_engine import AsyncEngine
 from runtime.pooling import Pooling, normalize
 from runtime.sampling_params import SamplingParams
+from runtime.slot_store import erase_slot, restore_slot, save_slot
 
 AsyncEngineProvider = Callable[[], "AsyncEngine | None"]
 
@@ -230,32 +231,22 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def EraseSlot(
         self, request: pb.EraseSlotRequest, context: aio.ServicerContext
     ) -> pb.EraseSlotResponse:
-        ae = self._engine()
-        slots = await ae.call(_slots)
-        if request.id_slot >= len(slots):
-            raise RpcError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"id_slot must be in [0, {len(slots)}), got {request.id_slot}",
-            )
-        if slots[request.id_slot].is_processing:
-            raise RpcError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"slot {request.id_slot} is processing a request",
-            )
-        # No per-slot cache to erase: the KV pool is shared and its prefix blocks are evicted LRU.
-        return pb.EraseSlotResponse(id_slot=request.id_slot, n_erased=0)
+        n = await self._engine().call(lambda e: erase_slot(e, request.id_slot))
+        return pb.EraseSlotResponse(id_slot=request.id_slot, n_erased=n)
 
     async def SaveSlot(
         self, request: pb.SaveSlotRequest, context: aio.ServicerContext
     ) -> pb.SaveSlotResponse:
-        self._engine()
-        raise RpcError(grpc.StatusCode.UNIMPLEMENTED, "slot save is not supported yet")
+        r = await self._engine().call(lambda e: save_slot(e, request.id_slot, request.filename))
+        return pb.SaveSlotResponse(id_slot=r.id_slot, filename=r.filename, n_saved=r.n_tokens)
 
     async def RestoreSlot(
         self, request: pb.RestoreSlotRequest, context: aio.ServicerContext
     ) -> pb.RestoreSlotResponse:
-        self._engine()
-        raise RpcError(grpc.StatusCode.UNIMPLEMENTED, "slot restore is not supported yet")
+        r = await self._engine().call(
+            lambda e: restore_slot(e, request.id_slot, request.filename)
+        )
+        return pb.RestoreSlotResponse(id_slot=r.id_slot, filename=r.filename, n_restored=r.n_tokens)
 
 
 def _slots(engine: Any) -> list[pb.Slot]:

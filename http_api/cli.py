@@ -45,7 +45,8 @@ class ServerSettings:
     grpc_port: int = 0  # 0: no gRPC server (the command line's default is 50051)
     embedding: bool = False  # --embedding(s): the embedding routes answer
     pooling: str | None = None  # --pooling; None: the model's own
-    max_queue: int = 0  # requests waiting for a slot at most (0: no limit; the flag's default is 1024)
+    max_queue: int = 0  # waiting requests at most; 0: no limit (the flag defaults to 1024)
+    slot_save_path: str | None = None  # POST /slots/{id}?action=... files live here; None: off
     http: bool = True  # False: gRPC only
 
 
@@ -60,7 +61,6 @@ _NOT_SUPPORTED = {
     "mmproj": "--mmproj is not supported yet (no multimodal models)",
     "grp_attn_n": "--grp-attn-n (self-extend) is not supported yet",
     "grp_attn_w": "--grp-attn-w (self-extend) is not supported yet",
-    "slot_save_path": "--slot-save-path is not supported yet (slot save/restore comes in a later release)",
     "system_prompt_file": "-spf/--system-prompt-file is not supported (removed from llama.cpp's server too)",
     "no_cont_batching": "-nocb/--no-cont-batching: continuous batching cannot be turned off",
     "mlock": "--mlock is not supported yet",
@@ -117,7 +117,7 @@ _FLAGS: list[_Flag] = [
     (_SERVER, ("--metrics",), dict(action="store_true", help="enable the Prometheus /metrics endpoint")),
     (_SERVER, ("--slots",), dict(dest="slots", action="store_true", default=True, help="enable /slots (default)")),
     (_SERVER, ("--no-slots", "--slots-endpoint-disable"), dict(dest="slots", action="store_false", help="disable /slots")),
-    (_SERVER, ("--slot-save-path",), dict(metavar="PATH", help="slot save/restore directory (not supported yet)")),
+    (_SERVER, ("--slot-save-path",), dict(metavar="PATH", help="directory for slot save/restore files (default: slot actions off)")),
     (_SERVER, ("-spf", "--system-prompt-file"), dict(metavar="FNAME", help="(not supported)")),
     (_SERVER, ("--chat-template",), dict(metavar="JINJA_TEMPLATE", help="built-in template name or Jinja source")),
     (_SERVER, ("--chat-template-file",), dict(metavar="FNAME", help="file holding a Jinja chat template")),
@@ -177,6 +177,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
         raise UsageError("--ssl-key-file and --ssl-cert-file go together")
     if a.model is not None and not Path(a.model).is_file():
         raise UsageError(f"-m/--model: no such file: {a.model}")
+    save_dir = Path(a.slot_save_path or ".")
+    if a.slot_save_path is not None and (not a.slot_save_path or save_dir.is_file()):
+        raise UsageError(f"--slot-save-path: not a directory: {a.slot_save_path!r}")
     if a.path is not None and not Path(a.path).is_dir():
         raise UsageError(f"--path: no such directory: {a.path}")
     device = a.device
@@ -225,6 +228,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
         embedding=a.embedding,
         pooling=a.pooling,
         max_queue=a.max_queue,
+        slot_save_path=a.slot_save_path,
     )
 
 

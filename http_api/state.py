@@ -79,6 +79,7 @@ def load_engine(settings: ServerSettings) -> Engine:
         embeddings=settings.embedding,
         pooling=settings.pooling,
         max_queue=settings.max_queue,
+        slot_save_path=settings.slot_save_path,
     )
     loaded = load_model(path, cfg.torch_dtype, cfg.device)
     if settings.n_ctx == 0:  # llama.cpp's -c 0: the model's training context

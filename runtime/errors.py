@@ -29,3 +29,7 @@ class NotSupportedError(GGUFServeError):
 
 class QueueFullError(GGUFServeError):
     """Too many requests are waiting for a slot; the caller may retry later."""
+
+
+class SlotBusyError(InvalidRequestError):
+    """A slot action that needs an idle slot found it running a request."""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from runtime.errors import InvalidRequestError, NotSupportedError
+from runtime.errors import InvalidRequestError, NotSupportedError, SlotBusyError
 
 if TYPE_CHECKING:
     from runtime.engine import Engine
@@ -131,7 +131,7 @@ class SlotStore:
         """Forget the slot's context; -> tokens erased. A slot running a request cannot be erased."""
         _check_slot(engine, id_slot)
         if any(r.slot_id == id_slot for r in engine.scheduler.running):
-            raise InvalidRequestError(f"slot {id_slot} is processing a request")
+            raise SlotBusyError(f"slot {id_slot} is processing a request")
         tokens = engine.scheduler.slot_tokens.pop(id_slot, [])
         bm = engine.blocks
         blocks = bm.match_prefix(bm.hashes(tokens, []))

@@ -164,6 +164,13 @@ def test_embeddings_without_the_flag_answer_as_llama_cpp(client, path):
     )
 
 
+def test_slot_actions_without_the_flag_answer_as_llama_cpp(client):
+    r = client.post("/slots/0?action=save", json={"filename": "a.bin"})
+    assert r.json()["error"]["message"] == (
+        "This server does not support slots action. Start it with `--slot-save-path`"
+    )
+
+
 def test_infill_on_a_model_without_fim_tokens_is_400(client):
     r = client.post("/infill", json={"input_prefix": "a", "input_suffix": "b"})
     assert_error(r, 400)
