@@ -8,7 +8,7 @@ from runtime.config import EngineConfig
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_cache import KVCache
 from runtime.loader import LoadedModel
-from runtime.pooling import pool
+from runtime.pooling import accumulate, pooled
 from runtime.sampler import SampleRow, SamplerVocab, new_sampler_state, sample
 from runtime.scheduler import SampledToken, SchedulerOutput
 
@@ -80,11 +80,11 @@ class ModelRunner:
                 continue
             if req.num_computed_tokens == 0:  # a fresh start (or a recompute after preemption)
                 req.hidden_chunks = []
-            req.hidden_chunks.append(hidden[part.start : part.start + part.n_new].float())
+            chunk = hidden[part.start : part.start + part.n_new].float()  # (n_new, hidden)
+            accumulate(req.hidden_chunks, chunk, req.pooling)
             if s.sample:  # the whole prompt is in
-                states = torch.cat(req.hidden_chunks)  # (prompt tokens, hidden)
+                out[i] = pooled(req.hidden_chunks, req.pooling, req.num_tokens).cpu()
                 req.hidden_chunks = []
-                out[i] = pool(states, req.pooling).cpu()
         return out
 
     @torch.inference_mode()

@@ -41,17 +41,30 @@ class Pooling(enum.Enum):
             return cls.NONE
 
 
-def pool(hidden: torch.Tensor, pooling: Pooling) -> torch.Tensor:
-    """(T, hidden) final-norm states of one sequence -> (1, hidden) pooled, or (T, hidden) for NONE."""
+def accumulate(acc: list[torch.Tensor], chunk: torch.Tensor, pooling: Pooling) -> None:
+    """Fold one prefill chunk's final-norm states (n, hidden) into `acc`, keeping only what the
+    pooling needs: every row for NONE, a running sum for MEAN, the first row for CLS, the latest for LAST."""
     if pooling is Pooling.NONE:
-        return hidden
+        acc.append(chunk)
+    elif pooling is Pooling.MEAN:
+        total = chunk.sum(dim=0, keepdim=True)
+        acc[:] = [acc[0] + total if acc else total]
+    elif pooling is Pooling.CLS:
+        if not acc:
+            acc.append(chunk[:1])
+    elif pooling is Pooling.LAST:
+        acc[:] = [chunk[-1:]]
+    else:
+        raise InvalidRequestError("rank pooling (reranking) is not supported")
+
+
+def pooled(acc: list[torch.Tensor], pooling: Pooling, n_tokens: int) -> torch.Tensor:
+    """The result of accumulate() over a whole prompt of n_tokens: (1, hidden), or (n_tokens, hidden) for NONE."""
+    if pooling is Pooling.NONE:
+        return torch.cat(acc)
     if pooling is Pooling.MEAN:
-        return hidden.mean(dim=0, keepdim=True)
-    if pooling is Pooling.CLS:
-        return hidden[:1]
-    if pooling is Pooling.LAST:
-        return hidden[-1:]
-    raise InvalidRequestError("rank pooling (reranking) is not supported")
+        return acc[0] / n_tokens
+    return acc[0]
 
 
 def normalize(vec: torch.Tensor, norm: int) -> torch.Tensor:

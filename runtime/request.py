@@ -111,7 +111,7 @@ class Request:
     # Set for an embedding request: prompt prefill only (no prefix-cache reuse: every token's
     # hidden state is needed), then its pooled final-norm hidden states instead of a token.
     pooling: Pooling | None = None
-    hidden_chunks: list[torch.Tensor] = field(default_factory=list)  # (n, hidden) per prefill chunk
+    hidden_chunks: list[torch.Tensor] = field(default_factory=list)  # runtime.pooling.accumulate's state
     # perf_counter() stamps: first scheduled, first token sampled, latest token sampled.
     t_scheduled: float = 0.0
     t_first_token: float = 0.0

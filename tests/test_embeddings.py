@@ -8,7 +8,7 @@ from runtime.engine import Engine
 from runtime.errors import InvalidRequestError, NotSupportedError, QueueFullError
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_cache import KVCache
-from runtime.pooling import Pooling, normalize, pool
+from runtime.pooling import Pooling, accumulate, normalize, pooled
 from runtime.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, n_predict=8, ignore_eos=True)
@@ -119,8 +119,17 @@ def test_queue_limit(loaded):
 
 
 def test_pooling_helpers():
-    h = torch.tensor([[1.0, -2.0], [3.0, 4.0]])
-    assert pool(h, Pooling.MEAN).tolist() == [[2.0, 1.0]]
+    h = torch.tensor([[1.0, -2.0], [3.0, 4.0], [5.0, 0.0]])
+    for pooling, want in [
+        (Pooling.MEAN, [[3.0, 2 / 3]]),
+        (Pooling.CLS, [[1.0, -2.0]]),
+        (Pooling.LAST, [[5.0, 0.0]]),
+        (Pooling.NONE, h.tolist()),
+    ]:
+        acc: list[torch.Tensor] = []
+        for chunk in (h[:2], h[2:]):  # two prefill chunks
+            accumulate(acc, chunk, pooling)
+        torch.testing.assert_close(pooled(acc, pooling, 3), torch.tensor(want))
     assert Pooling.of_model({"llama.pooling_type": 3}, "llama") is Pooling.LAST
     assert Pooling.of_model({}, "llama") is Pooling.NONE
     v = torch.tensor([[3.0, -4.0]])
