@@ -238,15 +238,25 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self, request: pb.SaveSlotRequest, context: aio.ServicerContext
     ) -> pb.SaveSlotResponse:
         r = await self._engine().call(lambda e: save_slot(e, request.id_slot, request.filename))
-        return pb.SaveSlotResponse(id_slot=r.id_slot, filename=r.filename, n_saved=r.n_tokens)
+        return pb.SaveSlotResponse(
+            id_slot=r.id_slot,
+            filename=r.filename,
+            n_saved=r.n_tokens,
+            n_written=r.n_bytes,
+            save_ms=r.ms,
+        )
 
     async def RestoreSlot(
         self, request: pb.RestoreSlotRequest, context: aio.ServicerContext
     ) -> pb.RestoreSlotResponse:
-        r = await self._engine().call(
-            lambda e: restore_slot(e, request.id_slot, request.filename)
+        r = await self._engine().call(lambda e: restore_slot(e, request.id_slot, request.filename))
+        return pb.RestoreSlotResponse(
+            id_slot=r.id_slot,
+            filename=r.filename,
+            n_restored=r.n_tokens,
+            n_read=r.n_bytes,
+            restore_ms=r.ms,
         )
-        return pb.RestoreSlotResponse(id_slot=r.id_slot, filename=r.filename, n_restored=r.n_tokens)
 
 
 def _slots(engine: Any) -> list[pb.Slot]:

@@ -107,6 +107,8 @@ def test_grpc_slot_calls(loaded, tmp_path):
     tokens = [t for m in first for t in m.token_ids]
     assert saved.n_saved == erased.n_erased == restored.n_restored > 0
     assert saved.filename == restored.filename == "g.bin"
+    assert saved.n_written == restored.n_read == (tmp_path / "g.bin").stat().st_size
+    assert saved.save_ms >= 0 and restored.restore_ms >= 0
     assert list(again.token_ids) == tokens and again.usage.cached_tokens > 0
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details() == "Invalid filename"
     assert [p.name for p in tmp_path.iterdir()] == ["g.bin"]
