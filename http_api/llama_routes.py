@@ -1,7 +1,8 @@
-"""llama.cpp's server routes besides /completion: health, props, slots, tokenize, detokenize, apply-template."""
+"""llama.cpp's server routes besides /completion: health, props, slots (and slot actions), tokenize, detokenize, apply-template."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -131,10 +132,9 @@ async def slot_action(request: Request, id_slot: str) -> Response:
     loaded = _state(request).require()
     if loaded.engine.engine.slot_store is None:
         raise NotSupportedError(SLOTS_OFF)
-    try:
-        slot = int(id_slot)
-    except ValueError:
-        raise bad_request("Invalid slot ID") from None
+    if not re.fullmatch(r"-?[0-9]{1,9}", id_slot):
+        raise bad_request("Invalid slot ID")
+    slot = int(id_slot)
     action = request.query_params.get("action", "")
     body = parse_body(await request.body())
     filename = body.get("filename")

@@ -68,6 +68,7 @@ def test_bad_slot_requests(client, save_dir):
     assert c.post("/slots/0?action=save", json={}).status_code == 400  # no filename
     for path, message in [
         ("/slots/abc?action=save", "Invalid slot ID"),
+        ("/slots/1_0?action=save", "Invalid slot ID"),
         ("/slots/7?action=save", "Invalid slot ID"),
         ("/slots/-1?action=erase", "Invalid slot ID"),
         ("/slots/0?action=dance", "Invalid action"),
