@@ -85,10 +85,15 @@ def test_batched_chunked_and_beside_generation_equal_alone(loaded):
 
 
 def test_preempted_embedding_recomputes_correctly(loaded):
-    prompts = texts(loaded)
+    base = loaded.tokenizer.encode("Paged attention with prefix caching " * 20)
+    prompts = [base[:40], base[1:41]]
     alone = [embed_all(engine(loaded, n_parallel=1), [p])[0] for p in prompts]
-    e = engine(loaded, n_ctx=160, n_batch=32, n_parallel=4)  # a pool too small for all at once
+    # a 4-block pool, 8-token steps and two decodes growing beside: embeddings get preempted
+    e = engine(loaded, n_ctx=64, n_batch=8, n_parallel=4)
+    for _ in range(2):
+        e.add_request(base[:10], SamplingParams(temperature=0.0, n_predict=40, ignore_eos=True))
     got = embed_all(e, prompts)
+    assert e.stats().preemptions_total > 0
     for a, b in zip(alone, got):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
