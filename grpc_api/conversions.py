@@ -133,6 +133,16 @@ def generate_prompt(req: pb.GenerateRequest, tokenizer: Tokenizer) -> list[int]:
     )
 
 
+def embed_prompts(req: pb.EmbedRequest, tokenizer: Tokenizer) -> list[list[int]]:
+    """EmbedRequest's inputs, tokenized as llama.cpp's /embedding does (BOS, special tokens parsed)."""
+    if not req.inputs:
+        raise InvalidRequestError("inputs: must be a non-empty list")
+    return [
+        prompt_ids(i.WhichOneof("input"), i.text, i.token_ids.ids, tokenizer, True, True)
+        for i in req.inputs
+    ]
+
+
 def chat_messages(req: pb.ChatRequest) -> list[dict[str, Any]]:
     """ChatMessage protos -> the dicts a chat template renders (only the fields that are set)."""
     if not req.messages:

@@ -1,7 +1,8 @@
 """The one place exceptions become gRPC status codes, and the API-key check; both as aio interceptors.
 
 InvalidRequestError -> INVALID_ARGUMENT (its message, the same the HTTP API
-gives), a queue-full error -> RESOURCE_EXHAUSTED, EngineError and anything
+gives; a busy slot FAILED_PRECONDITION), a queue-full error -> RESOURCE_EXHAUSTED, a feature the server was not
+started for -> UNIMPLEMENTED, EngineError and anything
 unexpected -> INTERNAL; the servicer raises RpcError for the rest (UNAVAILABLE
 while loading, UNIMPLEMENTED, ...). Nothing reaches grpc as an exception, so
 no client error ever shows up as UNKNOWN.
@@ -36,14 +37,12 @@ class RpcError(Exception):
         self.message = message
 
 
-# Most specific first. A queue-full error class is mapped when the runtime defines one.
+# Most specific first.
 _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (errors.SlotBusyError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-    *(
-        (cls, grpc.StatusCode.RESOURCE_EXHAUSTED)
-        for cls in (getattr(errors, "QueueFullError", None),)
-        if isinstance(cls, type)
-    ),
+    (errors.QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.NotSupportedError, grpc.StatusCode.UNIMPLEMENTED),
     (errors.EngineError, grpc.StatusCode.INTERNAL),
     (errors.GGUFServeError, grpc.StatusCode.INTERNAL),
 ]

@@ -40,7 +40,8 @@ DEFAULT_PORT = 50051
 HEALTH_POLL_S = 0.25  # how often health re-reads the provider
 
 # Large enough for a batch of embeddings both ways: 256 MiB holds e.g. 8192 vectors of 4096
-# float32 (128 MiB) with room to spare; grpc's default (4 MiB receive) would not.
+# float32 (128 MiB) with room to spare; grpc's default (4 MiB receive) would not. Embed refuses
+# a batch whose answer would not fit (INVALID_ARGUMENT naming the most it takes).
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 # Keepalive: the server pings an idle connection every 60 s and drops it when no ack comes
@@ -156,7 +157,10 @@ def build_grpc_server(
         ],
     )
     servicer = InferenceServicer(
-        async_engine_provider, model_alias=model_alias, chat_template=chat_template
+        async_engine_provider,
+        model_alias=model_alias,
+        chat_template=chat_template,
+        max_message_bytes=max_message_bytes,
     )
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -21,7 +21,9 @@ from gguf_serve.v1 import inference_pb2_grpc as pb_grpc
 from grpc_api import conversions as conv
 from grpc_api.interceptor import RpcError
 from runtime.async_engine import AsyncEngine
+from runtime.pooling import Pooling, normalize
 from runtime.sampling_params import SamplingParams
+from runtime.slot_store import erase_slot, restore_slot, save_slot
 
 AsyncEngineProvider = Callable[[], "AsyncEngine | None"]
 
@@ -35,8 +37,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         *,
         model_alias: str | None = None,
         chat_template: str | None = None,
+        max_message_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         self._provider = engine_provider
+        self._max_message_bytes = max_message_bytes
         self._alias = model_alias
         self._chat_template_override = chat_template
         self._templates: dict[int, Any] = {}  # id(engine) -> ChatTemplate, built on first use
@@ -160,8 +164,30 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Embed(
         self, request: pb.EmbedRequest, context: aio.ServicerContext
     ) -> pb.EmbedResponse:
-        self._engine()
-        raise RpcError(grpc.StatusCode.UNIMPLEMENTED, "embeddings are not supported yet")
+        ae = self._engine()
+        pooling = ae.engine.embedding_pooling()  # UNIMPLEMENTED without --embeddings
+        if pooling is Pooling.NONE:
+            raise RpcError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "pooling type 'none' gives one vector per token; start the server with "
+                "--pooling mean, cls or last",
+            )
+        prompts = conv.embed_prompts(request, ae.engine.tokenizer)
+        # The answer must fit one message: 4 bytes a float plus a little framing per vector.
+        max_inputs = self._max_message_bytes // (4 * ae.engine.loaded.config.hidden + 16) - 1
+        if len(prompts) > max_inputs:
+            raise RpcError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"inputs: at most {max_inputs} per call (the message size limit), got {len(prompts)}",
+            )
+        outs = await ae.embed_many(prompts, ae.engine.cfg.n_parallel)
+        norm = 2 if not request.HasField("normalize") or request.normalize else -1
+        res = pb.EmbedResponse()
+        for o in outs:
+            assert o.embedding is not None
+            res.embeddings.add(values=normalize(o.embedding, norm)[0].tolist())
+        res.usage.prompt_tokens = sum(o.num_prompt_tokens for o in outs)
+        return res
 
     # -- model and slots -----------------------------------------------------------------------
 
@@ -205,32 +231,32 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def EraseSlot(
         self, request: pb.EraseSlotRequest, context: aio.ServicerContext
     ) -> pb.EraseSlotResponse:
-        ae = self._engine()
-        slots = await ae.call(_slots)
-        if request.id_slot >= len(slots):
-            raise RpcError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"id_slot must be in [0, {len(slots)}), got {request.id_slot}",
-            )
-        if slots[request.id_slot].is_processing:
-            raise RpcError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"slot {request.id_slot} is processing a request",
-            )
-        # No per-slot cache to erase: the KV pool is shared and its prefix blocks are evicted LRU.
-        return pb.EraseSlotResponse(id_slot=request.id_slot, n_erased=0)
+        n = await self._engine().call(lambda e: erase_slot(e, request.id_slot))
+        return pb.EraseSlotResponse(id_slot=request.id_slot, n_erased=n)
 
     async def SaveSlot(
         self, request: pb.SaveSlotRequest, context: aio.ServicerContext
     ) -> pb.SaveSlotResponse:
-        self._engine()
-        raise RpcError(grpc.StatusCode.UNIMPLEMENTED, "slot save is not supported yet")
+        r = await self._engine().call(lambda e: save_slot(e, request.id_slot, request.filename))
+        return pb.SaveSlotResponse(
+            id_slot=r.id_slot,
+            filename=r.filename,
+            n_saved=r.n_tokens,
+            n_written=r.n_bytes,
+            save_ms=r.ms,
+        )
 
     async def RestoreSlot(
         self, request: pb.RestoreSlotRequest, context: aio.ServicerContext
     ) -> pb.RestoreSlotResponse:
-        self._engine()
-        raise RpcError(grpc.StatusCode.UNIMPLEMENTED, "slot restore is not supported yet")
+        r = await self._engine().call(lambda e: restore_slot(e, request.id_slot, request.filename))
+        return pb.RestoreSlotResponse(
+            id_slot=r.id_slot,
+            filename=r.filename,
+            n_restored=r.n_tokens,
+            n_read=r.n_bytes,
+            restore_ms=r.ms,
+        )
 
 
 def _slots(engine: Any) -> list[pb.Slot]:

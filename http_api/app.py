@@ -16,7 +16,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from grpc_api.server import GrpcServer, TlsFiles, start_grpc
-from http_api import completion, llama_routes, metrics, openai_routes
+from http_api import completion, embeddings, infill, llama_routes, metrics, openai_routes
 from http_api.errors import APIError, error_response, install, not_supported
 from http_api.state import ServerState
 from runtime.async_engine import AsyncEngine
@@ -177,7 +177,7 @@ def create_app(state: ServerState) -> FastAPI:
     )
     app.state.server = state
     install(app)
-    for module in (llama_routes, completion, openai_routes, metrics):
+    for module in (llama_routes, completion, infill, openai_routes, embeddings, metrics):
         app.include_router(module.router)
     if state.settings.static_path is not None:
         app.mount("/", StaticFiles(directory=state.settings.static_path, html=True), name="static")

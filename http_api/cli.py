@@ -47,6 +47,10 @@ class ServerSettings:
     log_disable: bool = False
     max_body_bytes: int = MAX_BODY_BYTES
     grpc_port: int = 0  # 0: no gRPC server (the command line's default is 50051)
+    embedding: bool = False  # --embedding(s): the embedding routes answer
+    pooling: str | None = None  # --pooling; None: the model's own
+    max_queue: int = 0  # waiting requests at most; 0: no limit (the flag defaults to 1024)
+    slot_save_path: str | None = None  # POST /slots/{id}?action=... files live here; None: off
     http: bool = True  # False: gRPC only
 
 
@@ -61,9 +65,6 @@ _NOT_SUPPORTED = {
     "mmproj": "--mmproj is not supported yet (no multimodal models)",
     "grp_attn_n": "--grp-attn-n (self-extend) is not supported yet",
     "grp_attn_w": "--grp-attn-w (self-extend) is not supported yet",
-    "embedding": "--embedding is not supported yet (embeddings come in a later release)",
-    "pooling": "--pooling is not supported yet (embeddings come in a later release)",
-    "slot_save_path": "--slot-save-path is not supported yet (slot save/restore comes in a later release)",
     "system_prompt_file": "-spf/--system-prompt-file is not supported (removed from llama.cpp's server too)",
     "no_cont_batching": "-nocb/--no-cont-batching: continuous batching cannot be turned off",
     "mlock": "--mlock is not supported yet",
@@ -115,15 +116,16 @@ _FLAGS: list[_Flag] = [
     (_SERVER, ("--ssl-cert-file",), dict(metavar="FNAME", help="PEM certificate for TLS")),
     (_SERVER, ("-to", "--timeout"), dict(type=int, default=600, metavar="N", help="idle connection timeout, seconds (default: 600)")),
     (_SERVER, ("--threads-http",), dict(type=int, default=-1, metavar="N", help="accepted: one asyncio loop serves requests")),
-    (_SERVER, ("--embedding", "--embeddings"), dict(dest="embedding", action="store_true", default=None, help="embeddings (not supported yet)")),
-    (_SERVER, ("--pooling",), dict(metavar="TYPE", help="embedding pooling (not supported yet)")),
+    (_SERVER, ("--embedding", "--embeddings"), dict(dest="embedding", action="store_true", help="enable the embedding routes (/embedding, /v1/embeddings)")),
+    (_SERVER, ("--pooling",), dict(choices=("none", "mean", "cls", "last", "rank"), help="pooling type for embeddings, use model default if unspecified")),
     (_SERVER, ("--metrics",), dict(action="store_true", help="enable the Prometheus /metrics endpoint")),
     (_SERVER, ("--slots",), dict(dest="slots", action="store_true", default=True, help="enable /slots (default)")),
     (_SERVER, ("--no-slots", "--slots-endpoint-disable"), dict(dest="slots", action="store_false", help="disable /slots")),
-    (_SERVER, ("--slot-save-path",), dict(metavar="PATH", help="slot save/restore directory (not supported yet)")),
+    (_SERVER, ("--slot-save-path",), dict(metavar="PATH", help="directory for slot save/restore files (default: slot actions off)")),
     (_SERVER, ("-spf", "--system-prompt-file"), dict(metavar="FNAME", help="(not supported)")),
     (_SERVER, ("--chat-template",), dict(metavar="JINJA_TEMPLATE", help="built-in template name or Jinja source")),
     (_SERVER, ("--chat-template-file",), dict(metavar="FNAME", help="file holding a Jinja chat template")),
+    (_OURS, ("--max-queue",), dict(type=int, default=1024, metavar="N", help="requests waiting for a slot at most; more answer 503 (default: 1024, 0 = no limit)")),
     (_OURS, ("--dtype",), dict(choices=sorted(DTYPES), default="float32", help="activation and dense weight dtype")),
     (_OURS, ("--gemm-dtype",), dict(choices=GEMM_DTYPES, default="float32", help="matmul type of steps over 8 tokens with --weights quant: bfloat16 is ~2x faster for prompts but rounds, so outputs can depend on the batch")),
     (_OURS, ("--weights",), dict(choices=WEIGHTS, default="quant", help="quant: weights stay in GGUF blocks (quantized kernels); dense: dequantized to --dtype at load")),
@@ -160,6 +162,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
         ("--port", a.port),
         ("--grpc-port", a.grpc_port),
         ("-to/--timeout", a.timeout),
+        ("--max-queue", a.max_queue),
     ):
         if value < 0:
             raise UsageError(f"{flag} must be >= 0, got {value}")
@@ -172,12 +175,17 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
             raise UsageError(f"{flag} must be positive, got {value}")
     if a.n_predict < -1:
         raise UsageError(f"-n/--n-predict must be -1 or >= 0, got {a.n_predict}")
+    if a.pooling == "rank":
+        raise UsageError("--pooling rank (reranking) is not supported yet")
     if not a.http and not a.grpc_port:
         raise UsageError("--no-http needs a --grpc-port: there would be nothing to serve")
     if bool(a.ssl_key_file) != bool(a.ssl_cert_file):
         raise UsageError("--ssl-key-file and --ssl-cert-file go together")
     if a.model is not None and not Path(a.model).is_file():
         raise UsageError(f"-m/--model: no such file: {a.model}")
+    save_dir = Path(a.slot_save_path or ".")
+    if a.slot_save_path is not None and (not a.slot_save_path or save_dir.is_file()):
+        raise UsageError(f"--slot-save-path: not a directory: {a.slot_save_path!r}")
     if a.path is not None and not Path(a.path).is_dir():
         raise UsageError(f"--path: no such directory: {a.path}")
     device = a.device
@@ -219,6 +227,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
         log_disable=a.log_disable,
         grpc_port=a.grpc_port,
         http=a.http,
+        embedding=a.embedding,
+        pooling=a.pooling,
+        max_queue=a.max_queue,
+        slot_save_path=a.slot_save_path,
     )
 
 

@@ -140,8 +140,19 @@ async def completion(request: Request) -> Response:
     loaded = state.require()
     body = parse_body(await request.body())
     reject_unsupported(body)
-    id_slot = get(body, "id_slot", int, -1)
     prompts = completion_prompts(loaded.tokenizer, body)
+    return await complete(request, state, loaded, body, prompts)
+
+
+async def complete(
+    request: Request,
+    state: ServerState,
+    loaded: Loaded,
+    body: Mapping[str, Any],
+    prompts: list[list[int]],
+) -> Response:
+    """Generate from ready prompt ids with /completion's options and answer in its shape (/infill too)."""
+    id_slot = get(body, "id_slot", int, -1)
     params = sampling_params(body, loaded.tokenizer, state.defaults)
     fmt = CompletionFormat(loaded, params, body, model_of(body, state))
     jobs = [(p, params) for p in prompts]

@@ -12,7 +12,13 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from runtime.errors import EngineError, GGUFError, InvalidRequestError
+from runtime.errors import (
+    EngineError,
+    GGUFError,
+    InvalidRequestError,
+    NotSupportedError,
+    QueueFullError,
+)
 
 log = logging.getLogger("gguf_serve.http")
 
@@ -64,6 +70,10 @@ def classify(exc: BaseException) -> tuple[int, str, str]:
         return exc.status, exc.message, exc.type
     if isinstance(exc, (InvalidRequestError, json.JSONDecodeError, UnicodeDecodeError)):
         return 400, str(exc) or type(exc).__name__, TYPES[400]
+    if isinstance(exc, NotSupportedError):
+        return 501, str(exc), TYPES[501]
+    if isinstance(exc, QueueFullError):
+        return 503, str(exc), TYPES[503]
     if isinstance(exc, RequestValidationError):
         return 400, _validation_message(exc), TYPES[400]
     if isinstance(exc, StarletteHTTPException):
@@ -128,6 +138,8 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(InvalidRequestError, handler)
     app.add_exception_handler(RequestValidationError, handler)
     app.add_exception_handler(StarletteHTTPException, handler)
+    app.add_exception_handler(NotSupportedError, handler)
+    app.add_exception_handler(QueueFullError, handler)
     app.add_exception_handler(EngineError, handler)
     app.add_exception_handler(GGUFError, handler)
     app.add_exception_handler(Exception, handler)

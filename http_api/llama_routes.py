@@ -1,7 +1,8 @@
-"""llama.cpp's server routes besides /completion: health, props, slots, tokenize, detokenize, apply-template."""
+"""llama.cpp's server routes besides /completion: health, props, slots (and slot actions), tokenize, detokenize, apply-template."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -11,6 +12,8 @@ from http_api.errors import JSON, APIError, bad_request, not_supported
 from http_api.params import generation_settings, get, is_token, parse_body, tokenize_prompts
 from http_api.state import BUILD_INFO, Loaded, ServerState
 from runtime.engine import Engine
+from runtime.errors import NotSupportedError
+from runtime.slot_store import SLOTS_OFF, erase_slot, restore_slot, save_slot
 
 router = APIRouter()
 
@@ -125,7 +128,32 @@ async def slots(request: Request) -> Response:
 
 @router.post("/slots/{id_slot}")
 async def slot_action(request: Request, id_slot: str) -> Response:
-    raise not_supported("slot save/restore/erase")
+    """llama.cpp's slot actions: ?action=save|restore (body {"filename"}) or erase."""
+    loaded = _state(request).require()
+    if loaded.engine.engine.slot_store is None:
+        raise NotSupportedError(SLOTS_OFF)
+    if not re.fullmatch(r"-?[0-9]{1,9}", id_slot):
+        raise bad_request("Invalid slot ID")
+    slot = int(id_slot)
+    action = request.query_params.get("action", "")
+    body = parse_body(await request.body())
+    filename = body.get("filename")
+    if action == "save":
+        r = await loaded.engine.call(lambda e: save_slot(e, slot, filename))
+        return JSON({
+            "id_slot": r.id_slot, "filename": r.filename, "n_saved": r.n_tokens,
+            "n_written": r.n_bytes, "timings": {"save_ms": r.ms},
+        })  # fmt: skip
+    if action == "restore":
+        r = await loaded.engine.call(lambda e: restore_slot(e, slot, filename))
+        return JSON({
+            "id_slot": r.id_slot, "filename": r.filename, "n_restored": r.n_tokens,
+            "n_read": r.n_bytes, "timings": {"restore_ms": r.ms},
+        })  # fmt: skip
+    if action == "erase":
+        n = await loaded.engine.call(lambda e: erase_slot(e, slot))
+        return JSON({"id_slot": slot, "n_erased": n})
+    raise bad_request("Invalid action")
 
 
 @router.post("/tokenize")
@@ -201,10 +229,6 @@ def render_chat(loaded: Loaded, body: dict[str, Any]) -> str:
 
 # Routes of llama.cpp's server that later releases fill in.
 _LATER = {
-    "/infill": "infill (fill-in-the-middle)",
-    "/embedding": "embeddings",
-    "/embeddings": "embeddings",
-    "/v1/embeddings": "embeddings",
     "/rerank": "reranking",
     "/reranking": "reranking",
     "/v1/rerank": "reranking",

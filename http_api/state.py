@@ -80,6 +80,10 @@ def load_engine(settings: ServerSettings) -> Engine:
         weights=settings.weights,
         use_mmap=settings.use_mmap,
         gemm_dtype=settings.gemm_dtype,
+        embeddings=settings.embedding,
+        pooling=settings.pooling,
+        max_queue=settings.max_queue,
+        slot_save_path=settings.slot_save_path,
     )
     loaded = load_model(path, cfg.torch_dtype, cfg.device, cfg.weights, cfg.use_mmap)
     if settings.n_ctx == 0:  # llama.cpp's -c 0: the model's training context

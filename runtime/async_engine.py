@@ -6,8 +6,9 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from runtime.engine import Engine, EngineStats
@@ -74,6 +75,42 @@ class AsyncEngine:
 
         Invalid requests raise here (InvalidRequestError) before anything is yielded.
         """
+        add = partial(self.engine.add_request, prompt_token_ids, params, request_id=request_id, **kwargs)
+        async for o in self._stream(add):
+            yield o
+
+    async def embed(self, prompt_token_ids: Sequence[int], request_id: str | None = None) -> RequestOutput:
+        """Evaluate an embedding request; its finished output carries `embedding`. Cancelling aborts it."""
+        add = partial(self.engine.add_embedding, prompt_token_ids, request_id=request_id)
+        outputs = self._stream(add)
+        try:
+            async for o in outputs:
+                if o.finished:
+                    return o
+        finally:
+            await outputs.aclose()
+        raise EngineError("the embedding request ended without a result")
+
+    async def embed_many(
+        self, prompts: Sequence[Sequence[int]], max_in_flight: int
+    ) -> list[RequestOutput]:
+        """embed() each prompt, at most max_in_flight at once (a big batch does not fill the queue);
+        results in order. The first error cancels (aborts) the others and is raised."""
+        gate = asyncio.Semaphore(max(max_in_flight, 1))
+
+        async def one(ids: Sequence[int]) -> RequestOutput:
+            async with gate:
+                return await self.embed(ids)
+
+        tasks = [asyncio.ensure_future(one(p)) for p in prompts]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _stream(self, add_request: Callable[[], str]) -> AsyncGenerator[RequestOutput, None]:
         if not self.is_running:
             raise EngineError("the engine is not running")
         loop = asyncio.get_running_loop()
@@ -82,7 +119,7 @@ class AsyncEngine:
 
         def add() -> None:
             try:
-                rid = self.engine.add_request(prompt_token_ids, params, request_id=request_id, **kwargs)
+                rid = add_request()
             except BaseException as e:  # reported to the caller, the loop goes on
                 loop.call_soon_threadsafe(_set_exception, added, e)
                 return

@@ -129,6 +129,13 @@ class BlockManager:
         self._hash_of[block] = block_hash
         self._block_of[block_hash] = block
 
+    def uncache(self, blocks: Sequence[int]) -> None:
+        """Forget these blocks' prefix hashes (their contents stay for whoever holds them)."""
+        for b in blocks:
+            h = self._hash_of.pop(b, None)
+            if h is not None:
+                del self._block_of[h]
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (blocks in use keep their contents, just not their names)."""
         self._hash_of.clear()

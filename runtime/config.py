@@ -166,6 +166,10 @@ class EngineConfig:
     n_threads_batch: int = 0  # threads for steps with many tokens (prompts); 0: n_threads
     prefix_caching: bool = True  # share KV blocks between prompts that start alike
     context_shift: bool = True  # a full context drops half its middle instead of stopping
+    embeddings: bool = False  # accept embedding requests (llama.cpp's --embeddings)
+    pooling: str | None = None  # --pooling none|mean|cls|last; None: the model's own
+    max_queue: int = 0  # requests waiting for a slot at most; 0: no limit
+    slot_save_path: str | None = None  # slot save/restore directory; None: slot actions are off
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -180,6 +184,12 @@ class EngineConfig:
         for name in ("n_threads", "n_threads_batch"):
             if getattr(self, name) < 0:
                 raise InvalidRequestError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise InvalidRequestError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.pooling is not None:
+            from runtime.pooling import Pooling
+
+            Pooling.parse(self.pooling)
 
     @property
     def torch_dtype(self) -> torch.dtype:

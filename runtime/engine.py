@@ -11,14 +11,20 @@ import torch
 
 from runtime.block_manager import BlockManager
 from runtime.config import EngineConfig
-from runtime.errors import InvalidRequestError
+from runtime.errors import InvalidRequestError, NotSupportedError, QueueFullError
 from runtime.loader import LoadedModel, load_model
 from runtime.model_runner import ModelRunner
+from runtime.pooling import Pooling
 from runtime.request import Request, RequestOutput, Status
 from runtime.sampler import SamplerVocab, new_sampler_state
 from runtime.sampling_params import SamplingParams
 from runtime.scheduler import Scheduler
+from runtime.slot_store import SlotStore
 from runtime.stop_checker import StopChecker
+
+# What an embedding request runs with: its prompt is evaluated, nothing is generated.
+EMBEDDING_PARAMS = SamplingParams(n_predict=0)
+EMBEDDINGS_OFF = "This server does not support embeddings. Start it with `--embeddings`"
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,13 @@ class Engine:
             context_shift=cfg.context_shift,
             n_keep_bos=int(self.tokenizer.add_bos),
         )
+        # --pooling, else the model's {arch}.pooling_type, else none (llama.cpp's choice).
+        self.pooling = (
+            Pooling.parse(cfg.pooling)
+            if cfg.pooling is not None
+            else Pooling.of_model(self.loaded.gguf.metadata, self.loaded.config.arch)
+        )
+        self.slot_store = SlotStore(cfg.slot_save_path) if cfg.slot_save_path else None
         self.requests: dict[str, Request] = {}
         self._text: dict[str, StopChecker] = {}
         self._ids = itertools.count()
@@ -84,6 +97,39 @@ class Engine:
         """
         if isinstance(id_slot, bool) or not isinstance(id_slot, int) or not -1 <= id_slot < self.cfg.n_parallel:
             raise InvalidRequestError(f"id_slot must be -1 or in [0, {self.cfg.n_parallel}), got {id_slot!r}")
+        ids = self._checked_ids(prompt_token_ids, request_id)
+        truncated = 0
+        if len(ids) >= self.max_seq_len:
+            ids, truncated = self._truncate(ids, params)
+        state = new_sampler_state(params, ids, self.sampler_vocab)  # validates ids in logit_bias etc.
+        rid = self._new_id(request_id)
+        req = Request(rid, ids, params, sampler_state=state, id_slot=id_slot)
+        req.num_shifted_tokens = truncated
+        return self._queue(req)
+
+    def add_embedding(self, prompt_token_ids: Sequence[int], request_id: str | None = None) -> str:
+        """Queue an embedding request: its prompt is evaluated in batches with the others, and its
+        one finished RequestOutput carries the pooled final-norm hidden states (`embedding`)."""
+        pooling = self.embedding_pooling()
+        ids = self._checked_ids(prompt_token_ids, request_id)
+        if len(ids) > self.max_seq_len:
+            raise InvalidRequestError(
+                f"the input has {len(ids)} tokens; the context holds {self.max_seq_len}"
+            )
+        req = Request(self._new_id(request_id), ids, EMBEDDING_PARAMS, pooling=pooling)
+        return self._queue(req)
+
+    def embedding_pooling(self) -> Pooling:
+        """The pooling embedding requests get; raises when the server does not do embeddings."""
+        if not self.cfg.embeddings:
+            raise NotSupportedError(EMBEDDINGS_OFF)
+        if self.pooling is Pooling.RANK:
+            raise NotSupportedError("rank pooling (reranking) is not supported")
+        return self.pooling
+
+    def _checked_ids(self, prompt_token_ids: Sequence[int], request_id: str | None) -> list[int]:
+        if request_id is not None and request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
         ids = [int(t) for t in prompt_token_ids]
         if not ids:
             raise InvalidRequestError("the prompt is empty")
@@ -91,19 +137,20 @@ class Engine:
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(f"token id {bad} is out of range [0, {vocab})")
-        truncated = 0
-        if len(ids) >= self.max_seq_len:
-            ids, truncated = self._truncate(ids, params)
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if rid in self.requests:
-            raise InvalidRequestError(f"request id {rid!r} is already in use")
-        state = new_sampler_state(params, ids, self.sampler_vocab)  # validates ids in logit_bias etc.
-        req = Request(rid, ids, params, sampler_state=state, id_slot=id_slot)
-        req.num_shifted_tokens = truncated
-        self._text[rid] = StopChecker(self.tokenizer, params.stop)
-        self.requests[rid] = req
+        if self.cfg.max_queue and self.num_queued >= self.cfg.max_queue:
+            raise QueueFullError(
+                f"the server is busy: {self.num_queued} requests are waiting for a slot"
+            )
+        return ids
+
+    def _new_id(self, request_id: str | None) -> str:
+        return request_id if request_id is not None else f"req-{next(self._ids)}"
+
+    def _queue(self, req: Request) -> str:
+        self._text[req.request_id] = StopChecker(self.tokenizer, req.params.stop)
+        self.requests[req.request_id] = req
         self.scheduler.add(req)
-        return rid
+        return req.request_id
 
     def _truncate(self, ids: list[int], params: SamplingParams) -> tuple[list[int], int]:
         """A prompt that fills the context: an error, or llama.cpp's truncation when n_keep asks for it.
@@ -202,6 +249,11 @@ class Engine:
             for o in self.step():
                 out[o.request_id].extend(o.new_token_ids)
         return [out[r] for r in rids]
+
+    @property
+    def num_queued(self) -> int:
+        """Waiting requests beyond the idle slots (those the next step cannot admit)."""
+        return max(0, len(self.scheduler.waiting) - len(self.scheduler.free_slots))
 
     @property
     def num_free_blocks(self) -> int:

@@ -21,3 +21,15 @@ class InvalidRequestError(GGUFServeError, ValueError):
 
 class EngineError(GGUFServeError, RuntimeError):
     """The engine failed while running a request (a server-side fault, not the caller's)."""
+
+
+class NotSupportedError(GGUFServeError):
+    """The server was not started for this (embeddings without --embeddings, ...)."""
+
+
+class QueueFullError(GGUFServeError):
+    """Too many requests are waiting for a slot; the caller may retry later."""
+
+
+class SlotBusyError(InvalidRequestError):
+    """A slot action that needs an idle slot found it running a request."""

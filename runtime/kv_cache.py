@@ -65,3 +65,15 @@ class KVCache:
         ks, vs = k[src], v[src]  # advanced indexing copies, so src and dst may overlap
         k[dst] = transform_k(ks).to(k.dtype) if transform_k is not None else ks
         v[dst] = vs
+
+    def read_blocks(self, blocks: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of whole blocks, per layer (len(blocks), block_size, kv_heads, head_dim), on the CPU."""
+        idx = torch.tensor(blocks, dtype=torch.int64, device=self.k[0].device)
+        return [k[idx].cpu() for k in self.k], [v[idx].cpu() for v in self.v]
+
+    def write_blocks(self, blocks: list[int], k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+        """Store read_blocks()'s per-layer tensors into `blocks`."""
+        idx = torch.tensor(blocks, dtype=torch.int64, device=self.k[0].device)
+        for layer, (kl, vl) in enumerate(zip(k, v)):
+            self.k[layer][idx] = kl.to(self.k[layer].device, self.k[layer].dtype)
+            self.v[layer][idx] = vl.to(self.v[layer].device, self.v[layer].dtype)

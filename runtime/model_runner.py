@@ -9,6 +9,7 @@ from runtime.config import EngineConfig
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_cache import KVCache
 from runtime.loader import LoadedModel
+from runtime.pooling import accumulate, pooled
 from runtime.sampler import SampleRow, SamplerVocab, new_sampler_state, sample
 from runtime.scheduler import SampledToken, SchedulerOutput
 
@@ -59,29 +60,54 @@ class ModelRunner:
             new_tokens.append(req.token_ids[start : start + s.num_new])
             computed.append(start)
             tables.append(req.block_ids)
-        batch = ForwardBatch.build(
-            new_tokens, computed, tables, self.block_size, [s.sample for s in sched.seqs], self.device
-        )
+        # Embedding requests want no logits: their rows' hidden states are pooled instead.
+        want = [s.sample and s.request.pooling is None for s in sched.seqs]
+        batch = ForwardBatch.build(new_tokens, computed, tables, self.block_size, want, self.device)
         self._set_threads(len(batch.token_ids))
-        logits = self.model.forward(batch, self.cache)  # (n_sampling, vocab)
+        hidden = self.model.hidden_states(batch, self.cache)  # (T, hidden)
+        pooled = self._pool(sched, batch, hidden)
+        logits = self.model.logits(hidden[batch.logits_indices]) if any(want) else None
         rows = []
-        for s in sched.seqs:
-            if not s.sample:
+        for s, w in zip(sched.seqs, want):
+            if not w:
                 continue
             req = s.request
             if req.sampler_state is None:  # Engine.add_request builds it; lazily until then
                 vocab = SamplerVocab.from_tokenizer(self.loaded.tokenizer)
                 req.sampler_state = new_sampler_state(req.params, req.prompt_token_ids, vocab)
             rows.append(SampleRow(req.sampler_state, req.output_token_ids, req.logits_processors))
-        ids, logprobs = sample(logits, rows)
+        ids, logprobs = sample(logits, rows) if logits is not None else ([], [])
         picked = iter(zip(ids, logprobs))
         out: list[SampledToken | None] = []
-        for s in sched.seqs:
-            if s.sample:
+        for i, w in enumerate(want):
+            if w:
                 t, lp = next(picked)
                 out.append(SampledToken(t, lp))
+            elif i in pooled:
+                out.append(SampledToken(-1, embedding=pooled[i]))
             else:
                 out.append(None)
+        return out
+
+    def _pool(
+        self, sched: SchedulerOutput, batch: ForwardBatch, hidden: torch.Tensor
+    ) -> dict[int, torch.Tensor]:
+        """Keep embedding requests' hidden states chunk by chunk; pool those whose prompt is done.
+
+        -> {index in sched.seqs: pooled (1 or T, hidden) float32 on the CPU}.
+        """
+        out: dict[int, torch.Tensor] = {}
+        for i, (s, part) in enumerate(zip(sched.seqs, batch.seqs)):
+            req = s.request
+            if req.pooling is None:
+                continue
+            if req.num_computed_tokens == 0:  # a fresh start (or a recompute after preemption)
+                req.hidden_chunks = []
+            chunk = hidden[part.start : part.start + part.n_new].float()  # (n_new, hidden)
+            accumulate(req.hidden_chunks, chunk, req.pooling)
+            if s.sample:  # the whole prompt is in
+                out[i] = pooled(req.hidden_chunks, req.pooling, req.num_tokens).cpu()
+                req.hidden_chunks = []
         return out
 
     @torch.inference_mode()

@@ -13,6 +13,7 @@ import torch
 from runtime.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from runtime.pooling import Pooling
     from runtime.samplers.state import SamplerState
 
 # (output token ids so far, logits (V,)) -> logits (V,); runs before every sampler (constrained decoding).
@@ -81,6 +82,9 @@ class RequestOutput:
     text: str = ""  # new text: complete UTF-8 only, held back while it may begin a stop string
     stop_word: str | None = None  # the stop string that ended the request, if one did
     timings: Timings | None = None
+    # An embedding request's result: (1, hidden) pooled, or (prompt tokens, hidden) for pooling
+    # none; final-norm hidden states, float32 on the CPU, not normalized.
+    embedding: torch.Tensor | None = None
 
 
 @dataclass
@@ -104,6 +108,10 @@ class Request:
     finish_reason: str | None = None
     sampler_state: SamplerState | None = None  # runtime.sampler.new_sampler_state, built at admission
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    # Set for an embedding request: prompt prefill only (no prefix-cache reuse: every token's
+    # hidden state is needed), then its pooled final-norm hidden states instead of a token.
+    pooling: Pooling | None = None
+    hidden_chunks: list[torch.Tensor] = field(default_factory=list)  # runtime.pooling.accumulate's state
     # perf_counter() stamps: first scheduled, first token sampled, latest token sampled.
     t_scheduled: float = 0.0
     t_first_token: float = 0.0

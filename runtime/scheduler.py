@@ -10,6 +10,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from runtime.block_manager import BlockManager
 from runtime.request import Request, RequestOutput, Status, TokenLogprob
@@ -40,8 +41,9 @@ class SchedulerOutput:
 
 @dataclass(frozen=True)
 class SampledToken:
-    token_id: int
+    token_id: int  # -1 for an embedding request
     logprob: TokenLogprob | None = None
+    embedding: Any = None  # an embedding request's pooled hidden states (a torch.Tensor)
 
 
 class Scheduler:
@@ -67,6 +69,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.free_slots = set(range(max_running))  # llama.cpp's slots: the identity /slots shows
         self.running: list[Request] = []
+        # The context each slot last held (tokens in the KV cache when its request ended):
+        # what slot save writes and a restore fills in (llama.cpp's per-slot prompt cache).
+        self.slot_tokens: dict[int, list[int]] = {}
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -127,7 +132,9 @@ class Scheduler:
         # At least one token must be computed to get logits, so a prompt that is
         # entirely cached still recomputes its last token (in a fresh block).
         bm.hashes(req.token_ids, req.block_hashes)
-        hit = bm.match_prefix(req.block_hashes[: (req.num_tokens - 1) // bm.block_size])
+        # An embedding request pools every token's hidden state, so it recomputes them all.
+        full = 0 if req.pooling is not None else (req.num_tokens - 1) // bm.block_size
+        hit = bm.match_prefix(req.block_hashes[:full])
         start = len(hit) * bm.block_size
         n = min(req.num_tokens - start, budget)
         need = bm.blocks_needed(start + n, len(hit))
@@ -275,6 +282,7 @@ class Scheduler:
                     slot_id=slot,
                     truncated=req.num_shifted_tokens > 0,
                     timings=req.timings(),
+                    embedding=tok.embedding,
                 )
             )
         return outputs
@@ -296,7 +304,16 @@ class Scheduler:
             self.free_slots.add(req.slot_id)
             req.slot_id = -1
 
+    def slot_context(self, slot: int) -> list[int]:
+        """The tokens a slot holds in the cache: its running request's, else its last one's."""
+        for req in self.running:
+            if req.slot_id == slot:
+                return req.token_ids[: req.num_computed_tokens]
+        return self.slot_tokens.get(slot, [])
+
     def _finish(self, req: Request, reason: str) -> None:
+        if req.slot_id >= 0:
+            self.slot_tokens[req.slot_id] = req.token_ids[: req.num_computed_tokens]
         self._release_slot(req)
         self.blocks.free(req.block_ids)
         req.block_ids = []

@@ -23,8 +23,8 @@ DATA = Path(__file__).parent / "data"
 N_CTX = 2048
 
 
-def new_engine(loaded, n_parallel: int = 8) -> AsyncEngine:
-    cfg = EngineConfig(model_path=str(loaded.path), n_ctx=N_CTX, n_parallel=n_parallel)
+def new_engine(loaded, n_parallel: int = 8, **cfg_kw) -> AsyncEngine:
+    cfg = EngineConfig(model_path=str(loaded.path), n_ctx=N_CTX, n_parallel=n_parallel, **cfg_kw)
     return AsyncEngine(Engine(cfg, loaded=loaded))
 
 
@@ -38,14 +38,16 @@ class Conn:
 
 @contextlib.asynccontextmanager
 async def serve(
-    loaded, *, api_keys: Sequence[str] = (), holder: dict | None = None
+    loaded, *, api_keys: Sequence[str] = (), holder: dict | None = None, **server_kw
 ) -> AsyncIterator[Conn]:
     """A started server on a free loopback port with a channel to it; `holder["ae"]` is the engine (None: loading)."""
     if holder is None:
         holder = {"ae": new_engine(loaded)}
     if holder["ae"] is not None:
         holder["ae"].start()
-    server = await start_grpc(lambda: holder["ae"], host="127.0.0.1", port=0, api_keys=api_keys)
+    server = await start_grpc(
+        lambda: holder["ae"], host="127.0.0.1", port=0, api_keys=api_keys, **server_kw
+    )
     try:
         async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             yield Conn(pb_grpc.InferenceStub(channel), channel, server, holder["ae"])

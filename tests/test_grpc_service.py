@@ -90,7 +90,7 @@ def test_unsupported_calls_are_unimplemented(loaded):
 
     errs = run(main())
     assert all(code == grpc.StatusCode.UNIMPLEMENTED for code, _ in errs)
-    assert errs[0][1] == "embeddings are not supported yet"
+    assert errs[0][1] == "This server does not support embeddings. Start it with `--embeddings`"
 
 
 # -- tokens, model, slots --------------------------------------------------------------------------
@@ -141,9 +141,10 @@ def test_model_info(loaded):
     assert info.chat_template == "gguf"
 
 
-def test_list_and_erase_slots(loaded):
+def test_list_and_erase_slots(loaded, tmp_path):
     async def main():
-        async with serve(loaded) as c:
+        holder = {"ae": new_engine(loaded, slot_save_path=str(tmp_path))}
+        async with serve(loaded, holder=holder) as c:
             call = c.stub.Generate(
                 pb.GenerateRequest(text="Hi", params=greedy(-1, ignore_eos=True), id_slot=3)
             )

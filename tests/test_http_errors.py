@@ -143,7 +143,7 @@ def test_routes_and_methods_that_do_not_exist(client):
 
 @pytest.mark.parametrize(
     "method,path",
-    [("GET", "/metrics"), ("GET", "/slots"), ("POST", "/slots/0?action=save"), ("POST", "/infill"),
+    [("GET", "/metrics"), ("GET", "/slots"), ("POST", "/slots/0?action=save"),
      ("POST", "/embedding"), ("POST", "/embeddings"), ("POST", "/v1/embeddings"), ("POST", "/rerank"),
      ("GET", "/"), ("GET", "/completion.js"), ("POST", "/props")],
 )  # fmt: skip
@@ -152,6 +152,31 @@ def test_disabled_or_later_endpoints_are_501(client, method, path):
         client.request(method, path, json={"content": "x", "input": "x"}),
         501,
         "not_supported_error",
+    )
+
+
+@pytest.mark.parametrize("path", ["/embedding", "/embeddings", "/v1/embeddings"])
+def test_embeddings_without_the_flag_answer_as_llama_cpp(client, path):
+    r = client.post(path, json={"input": "x"})
+    assert r.status_code == 501
+    assert r.json()["error"]["message"] == (
+        "This server does not support embeddings. Start it with `--embeddings`"
+    )
+
+
+def test_slot_actions_without_the_flag_answer_as_llama_cpp(client):
+    r = client.post("/slots/0?action=save", json={"filename": "a.bin"})
+    assert r.json()["error"]["message"] == (
+        "This server does not support slots action. Start it with `--slot-save-path`"
+    )
+
+
+def test_infill_on_a_model_without_fim_tokens_is_400(client):
+    r = client.post("/infill", json={"input_prefix": "a", "input_suffix": "b"})
+    assert_error(r, 400)
+    assert r.json()["error"]["message"] == (
+        "Infill is not supported by this model: "
+        "prefix token is missing. suffix token is missing. middle token is missing."
     )
 
 

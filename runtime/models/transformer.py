@@ -120,6 +120,11 @@ class Transformer:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
         """-> float32 logits (len(batch.logits_indices), vocab)."""
+        return self.logits(self.hidden_states(batch, cache)[batch.logits_indices])
+
+    @torch.inference_mode()
+    def hidden_states(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        """-> final-norm hidden states of every batch row (T, hidden), in the activation dtype."""
         c = self.cfg
         x = self.embed(batch.token_ids)  # (T, hidden)
         if c.embed_scale != 1.0:
@@ -142,8 +147,12 @@ class Transformer:
             if layer.post_ffn_norm is not None:
                 h = rms_norm(h, layer.post_ffn_norm, c.norm_eps)
             x = x + h
-        x = x[batch.logits_indices]
-        x = rms_norm(x, self.norm, c.norm_eps)
+        return rms_norm(x, self.norm, c.norm_eps)
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states (N, hidden) -> float32 logits (N, vocab)."""
+        c = self.cfg
         logits = self.output(x).float()
         if c.final_softcap:
             logits = c.final_softcap * torch.tanh(logits / c.final_softcap)
