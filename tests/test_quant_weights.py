@@ -25,14 +25,14 @@ def _decode_logits(path, weights: str) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     prompts = [[BOS_ID] + torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 19, 11)]
     seen: list[torch.Tensor] = []
-    forward = engine.runner.model.forward
+    logits = engine.runner.model.logits
 
-    def spy(batch, cache):
-        out = forward(batch, cache)
+    def spy(x):
+        out = logits(x)
         seen.append(out.clone())
         return out
 
-    engine.runner.model.forward = spy  # type: ignore[method-assign]
+    engine.runner.model.logits = spy  # type: ignore[method-assign]
     engine.generate(prompts, SamplingParams(temperature=0.0, n_predict=6, ignore_eos=True))
     return torch.cat(seen)
 
