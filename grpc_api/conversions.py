@@ -42,6 +42,17 @@ def struct_to_dict(msg: Message) -> dict[str, Any]:
     return json_format.MessageToDict(msg, preserving_proto_field_name=True)
 
 
+def _integral(value: Any) -> Any:
+    """A Struct's numbers are all doubles: 3.0 -> 3 again, so that maxItems, const etc. read as JSON wrote them."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
 def check_token_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
     """Token ids a client sent, checked against the vocabulary (the engine's own message)."""
     out = list(ids)
@@ -64,9 +75,9 @@ def sampling_params(msg: spb.SamplingParams, tokenizer: Tokenizer) -> SamplingPa
     if msg.samplers:  # names or one-letter codes, each element one sampler (as a JSON list)
         kw["samplers"] = list(msg.samplers)
     if msg.HasField("grammar"):
-        raise InvalidRequestError("grammar: constrained decoding is not supported yet")
+        kw["grammar"] = msg.grammar
     if msg.HasField("json_schema"):
-        raise InvalidRequestError("json_schema: constrained decoding is not supported yet")
+        kw["json_schema"] = _integral(struct_to_dict(msg.json_schema))
     if msg.HasField("penalty_prompt"):
         pp = msg.penalty_prompt
         if pp.WhichOneof("prompt") == "text":

@@ -225,18 +225,26 @@ async def _respond(
     return EventStream(sse_with_errors(events(), done=True), cleanup=deltas.aclose)
 
 
-def _check_openai(body: Mapping[str, Any]) -> None:
+def _check_openai(body: Mapping[str, Any]) -> dict[str, Any]:
+    """Refuse what is not supported; return the SamplingParams fields `response_format` asks for.
+
+    json_object: any JSON object (or its `schema`); json_schema: `json_schema.schema`
+    (llama.cpp also takes `schema` beside `type`), any JSON value when absent.
+    """
     reject_unsupported(body)
-    fmt = get(body, "response_format", dict, {})
-    kind = fmt.get("type", "text")
-    if kind in ("json_object", "json_schema"):
-        raise bad_request(
-            f"response_format {kind} is not supported yet (constrained decoding comes in a later release)"
-        )
-    if kind != "text":
-        raise bad_request(f"response_format: unknown type {kind!r}")
     if get(body, "best_of", int, 1) != 1:
         raise bad_request("best_of is not supported")
+    fmt = get(body, "response_format", dict, {})
+    kind = fmt.get("type", "text")
+    if kind == "json_object":
+        return {"json_schema": fmt.get("schema") or {"type": "object"}}
+    if kind == "json_schema":
+        wrapper = fmt.get("json_schema")
+        schema = wrapper.get("schema") if isinstance(wrapper, dict) else None
+        return {"json_schema": schema if schema is not None else fmt.get("schema", {})}
+    if kind != "text":
+        raise bad_request(f"response_format: unknown type {kind!r}")
+    return {}
 
 
 @router.post("/v1/completions")
@@ -244,7 +252,7 @@ async def completions(request: Request) -> Response:
     state: ServerState = request.app.state.server
     loaded = state.require()
     body = parse_body(await request.body())
-    _check_openai(body)
+    constraint = _check_openai(body)
     if get(body, "echo", bool, False):
         raise bad_request("Only no echo is supported")
     if get(body, "suffix", str, ""):
@@ -262,6 +270,7 @@ async def completions(request: Request) -> Response:
         state.defaults,
         _N_PREDICT_KEYS,
         **({"n_probs": n_top} if n_top else {}),
+        **constraint,
     )
     prompts = tokenize_prompts(loaded.tokenizer, body["prompt"])
     kind = _Kind(False, loaded, n_top, model_of(body, state))
@@ -274,7 +283,7 @@ async def chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.server
     loaded = state.require()
     body = parse_body(await request.body())
-    _check_openai(body)
+    constraint = _check_openai(body)
     if body.get("tool_choice") not in (None, "none", "auto"):
         raise bad_request(
             "tool_choice is not supported yet (tool calling comes in a later release)"
@@ -286,7 +295,7 @@ async def chat_completions(request: Request) -> Response:
         raise bad_request("top_logprobs requires logprobs to be set to true")
     if not 0 <= n_top <= 20:
         raise bad_request(f"top_logprobs: must be in [0, 20], got {n_top}")
-    overrides = {"n_probs": max(n_top, 1)} if want else {}
+    overrides = {"n_probs": max(n_top, 1), **constraint} if want else constraint
     params = sampling_params(body, loaded.tokenizer, state.defaults, _N_PREDICT_KEYS, **overrides)
     prompt = render_chat(loaded, dict(body))
     ids = loaded.tokenizer.encode(prompt, add_special=True, parse_special=True)

@@ -68,11 +68,6 @@ def get(
 
 def reject_unsupported(body: Mapping[str, Any]) -> None:
     """Fields whose feature does not exist yet: a clear 400 rather than silently different output."""
-    for key in ("grammar", "json_schema"):
-        if body.get(key):
-            raise bad_request(
-                f"{key} is not supported yet (constrained decoding comes in a later release)"
-            )
     if body.get("image_data") or body.get("multimodal_data"):
         raise bad_request("image input is not supported by this model")
     if body.get("lora"):
@@ -230,7 +225,7 @@ def generation_settings(p: SamplingParams, stream: bool = False) -> dict[str, An
         "logit_bias": [{"bias": b, "token": t} for t, b in p.logit_bias],
         "n_probs": p.n_probs,
         "min_keep": p.min_keep,
-        "grammar": "",
+        "grammar": p.grammar or "",
         "samplers": list(p.samplers),
         "timings_per_token": False,
         "post_sampling_probs": False,

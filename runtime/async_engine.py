@@ -13,6 +13,7 @@ from typing import Any
 
 from runtime.engine import Engine, EngineStats
 from runtime.errors import EngineError
+from runtime.grammar import GrammarCache
 from runtime.request import RequestOutput
 from runtime.sampling_params import SamplingParams
 
@@ -73,8 +74,13 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's deltas until it finishes; leaving early (cancel, disconnect) aborts it.
 
-        Invalid requests raise here (InvalidRequestError) before anything is yielded.
+        Invalid requests raise here (InvalidRequestError) before anything is yielded; a
+        grammar or JSON schema is compiled first, in a worker thread.
         """
+        if not self.is_running:
+            raise EngineError("the engine is not running")
+        if GrammarCache.key(params) is not None:  # compiled here, off the engine thread, and cached
+            await asyncio.to_thread(self.engine.grammars.compile, params)
         add = partial(self.engine.add_request, prompt_token_ids, params, request_id=request_id, **kwargs)
         async for o in self._stream(add):
             yield o

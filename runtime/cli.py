@@ -84,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
                     continue
                 for t in o.new_token_ids:
                     n += 1
-                    if not (o.finished and o.finish_reason == "stop"):
+                    if not (o.finished and o.finish_reason == "stop" and t in tok.eog_ids):
                         sys.stdout.write(detok.push(t))
                 sys.stdout.flush()
         sys.stdout.write(detok.flush() + "\n")

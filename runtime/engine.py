@@ -12,6 +12,7 @@ import torch
 from runtime.block_manager import BlockManager
 from runtime.config import EngineConfig
 from runtime.errors import InvalidRequestError, NotSupportedError, QueueFullError
+from runtime.grammar import GrammarCache
 from runtime.loader import LoadedModel, load_model
 from runtime.model_runner import ModelRunner
 from runtime.pooling import Pooling
@@ -57,6 +58,7 @@ class Engine:
         )
         self.tokenizer = self.loaded.tokenizer
         self.sampler_vocab = SamplerVocab.from_tokenizer(self.tokenizer)
+        self.grammars = GrammarCache(self.tokenizer)  # compiled grammars and schemas, by text
         self.runner = ModelRunner(self.loaded, cfg)
         self.blocks = BlockManager(cfg.num_blocks, cfg.block_size, cfg.prefix_caching)
         # A sequence may use the whole pool when alone (the pool is shared, paged).
@@ -103,7 +105,9 @@ class Engine:
             ids, truncated = self._truncate(ids, params)
         state = new_sampler_state(params, ids, self.sampler_vocab)  # validates ids in logit_bias etc.
         rid = self._new_id(request_id)
-        req = Request(rid, ids, params, sampler_state=state, id_slot=id_slot)
+        # Compiled already (AsyncEngine does it off this thread) unless called directly.
+        grammar = self.grammars.matcher(params)
+        req = Request(rid, ids, params, sampler_state=state, id_slot=id_slot, grammar=grammar)
         req.num_shifted_tokens = truncated
         return self._queue(req)
 
@@ -206,11 +210,13 @@ class Engine:
         """Decode the delta's tokens; a stop string ends the request here, freeing its blocks."""
         checker = self._text[o.request_id]
         eog_stop = o.finish_reason == "stop"
+        last = len(o.new_token_ids) - 1
         text = "".join(
             checker.push(t)
             for i, t in enumerate(o.new_token_ids)
-            # The end-of-generation token that stopped the request is not part of the text.
-            if not (eog_stop and i == len(o.new_token_ids) - 1)
+            # The end-of-generation token that stopped the request is not part of the text
+            # (a completed grammar stops on its last token, which is).
+            if not (eog_stop and i == last and t in self.tokenizer.eog_ids)
         )
         if checker.stopped and not o.finished:
             req = self.scheduler.abort(o.request_id, reason="stop")

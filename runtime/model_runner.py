@@ -75,7 +75,9 @@ class ModelRunner:
             if req.sampler_state is None:  # Engine.add_request builds it; lazily until then
                 vocab = SamplerVocab.from_tokenizer(self.loaded.tokenizer)
                 req.sampler_state = new_sampler_state(req.params, req.prompt_token_ids, vocab)
-            rows.append(SampleRow(req.sampler_state, req.output_token_ids, req.logits_processors))
+            rows.append(
+                SampleRow(req.sampler_state, req.output_token_ids, req.logits_processors, req.grammar)
+            )
         ids, logprobs = sample(logits, rows) if logits is not None else ([], [])
         picked = iter(zip(ids, logprobs))
         out: list[SampledToken | None] = []

@@ -13,6 +13,7 @@ import torch
 from runtime.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from runtime.grammar_matcher import GrammarMatcher
     from runtime.pooling import Pooling
     from runtime.samplers.state import SamplerState
 
@@ -112,6 +113,7 @@ class Request:
     # hidden state is needed), then its pooled final-norm hidden states instead of a token.
     pooling: Pooling | None = None
     hidden_chunks: list[torch.Tensor] = field(default_factory=list)  # runtime.pooling.accumulate's state
+    grammar: GrammarMatcher | None = None  # its grammar or JSON schema (runtime.grammar), built at admission
     # perf_counter() stamps: first scheduled, first token sampled, latest token sampled.
     t_scheduled: float = 0.0
     t_first_token: float = 0.0

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.grammar_matcher import GrammarMatcher, apply_bitmask, fill_bitmask
 from runtime.request import LogitsProcessor, TokenLogprob
 from runtime.samplers import filters as F
 from runtime.samplers.filters import Cands
@@ -22,11 +23,12 @@ __all__ = [
 
 @dataclass(frozen=True)
 class SampleRow:
-    """One row of logits to sample: its request's sampler state, output so far and logits processors."""
+    """One row of logits to sample: its request's sampler state, output so far, logits processors, grammar."""
 
     state: SamplerState
     output_ids: Sequence[int] = ()
     processors: Sequence[LogitsProcessor] = ()
+    grammar: GrammarMatcher | None = None
 
 
 Stage = Callable[[Cands, list[SamplerState], torch.Tensor], Cands]
@@ -58,11 +60,12 @@ _STAGES: dict[str, Stage] = {
 
 
 def _adjusted(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
-    """Apply processors, then logit bias; a copy only when some row has either."""
+    """Grammar masks (all rows in one masked_fill), then processors and logit bias; a copy only when needed."""
+    mask = fill_bitmask([r.grammar for r in rows], [r.output_ids for r in rows], logits.shape[1])
     todo = [i for i, r in enumerate(rows) if r.processors or r.state.bias_ids is not None]
-    if not todo:
+    if mask is None and not todo:
         return logits
-    x = logits.clone()
+    x = logits.clone() if mask is None else apply_bitmask(logits, mask)
     for i in todo:
         row = rows[i]
         for proc in row.processors:
@@ -90,7 +93,7 @@ def apply_chain(c: Cands, plan: Sequence[str], states: list[SamplerState], xtc_u
 def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits (N, V) float32, one row per request -> N token ids and optional log-probs.
 
-    Per row, in llama.cpp's order: logits processors (constrained decoding),
+    Per row, in llama.cpp's order: the grammar's mask, logits processors,
     logit_bias and ignore_eos bans, then the request's chain (`samplers`) or
     Mirostat, then one draw. Rows whose chain keeps only the top token before
     anything could move it share one argmax; the others are grouped by chain,

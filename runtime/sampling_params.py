@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -137,6 +138,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     n_keep: int | None = None  # context shift / truncation keeps this many prompt tokens (-1 = all)
     n_discard: int = 0  # tokens a context shift drops (0 = half)
+    grammar: str | None = None  # GBNF (llama.cpp's grammar syntax); "" = none
+    json_schema: str | None = None  # a JSON schema, as JSON text (a dict is accepted and serialized)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> InvalidRequestError:
@@ -201,6 +204,27 @@ class SamplingParams:
         if self.penalty_prompt_tokens is not None:
             put("penalty_prompt_tokens", self._token_ids("penalty_prompt_tokens", self.penalty_prompt_tokens))
         put("logit_bias", self._bias_pairs())
+        self._check_constraint(put)
+
+    def _check_constraint(self, put: Callable[[str, object], None]) -> None:
+        """grammar: a string; json_schema: a JSON object or boolean (or its text); not both."""
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise InvalidRequestError(f"grammar: must be a string, got {type(self.grammar).__name__}")
+        if self.grammar == "":
+            put("grammar", None)
+        schema: object = self.json_schema
+        if schema is None:
+            return
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as e:
+                raise InvalidRequestError(f"json_schema: not valid JSON: {e}") from None
+        if not isinstance(schema, (Mapping, bool)):
+            raise InvalidRequestError(f"json_schema: must be a JSON object, got {type(schema).__name__}")
+        if self.grammar is not None:
+            raise InvalidRequestError('Either "json_schema" or "grammar" can be specified, but not both')
+        put("json_schema", json.dumps(schema, ensure_ascii=False))
 
     def _strings(self, name: str, allow_empty: bool) -> tuple[str, ...]:
         v = getattr(self, name)

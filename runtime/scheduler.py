@@ -290,6 +290,10 @@ class Scheduler:
     def _stop_reason(self, req: Request, token: int) -> str | None:
         if token in self.eog_ids and not req.params.ignore_eos:
             return "stop"
+        if req.grammar is not None:  # a complete grammar ends the request as its EOS would
+            req.grammar.sync(req.output_token_ids)
+            if req.grammar.is_done():
+                return "stop"
         n_predict = req.params.n_predict
         if 0 <= n_predict <= len(req.output_token_ids):
             return "length"

@@ -16,6 +16,7 @@ import torch  # noqa: E402
 
 from runtime.config import EngineConfig  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
+from runtime.grammar import JSON_GBNF  # noqa: E402
 from runtime.sampling_params import SamplingParams  # noqa: E402
 
 
@@ -68,6 +69,82 @@ def serve(engine: Engine, prompt, clients: int, n_out: int, n_prompt: int) -> di
         ae.shutdown()
 
 
+# At least eight objects (~100 tokens): no stream completes during a short measured run.
+BENCH_SCHEMA = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    },
+    "minItems": 8,
+}
+BENCH_GBNF = r"""
+root   ::= "[" ws item ( "," ws item ){7,} "]"
+item   ::= "{" ws member ( "," ws member )* "}"
+""" + "\n".join(line for line in JSON_GBNF.splitlines() if not line.startswith("root"))
+
+
+def constrained(engine: Engine, prompt, batches: list[int], n_out: int) -> dict:
+    """Per decode step: the grammar masks' cost (fill the bitmask + apply it) against the whole step.
+
+    Two backends: a JSON schema (outlines-core) and the JSON GBNF grammar (llguidance);
+    every stream is constrained, greedy, and its prompt is in before timing starts.
+    """
+    from runtime import sampler
+
+    spent = {"fill": 0.0, "apply": 0.0}
+    fill, apply = sampler.fill_bitmask, sampler.apply_bitmask
+
+    def timed(name, fn):
+        def run(*a):
+            t = time.perf_counter()
+            r = fn(*a)
+            spent[name] += time.perf_counter() - t
+            return r
+
+        return run
+
+    sampler.fill_bitmask, sampler.apply_bitmask = timed("fill", fill), timed("apply", apply)  # type: ignore[assignment]
+    kinds = {
+        "json_schema": {"json_schema": BENCH_SCHEMA},
+        "gbnf": {"grammar": BENCH_GBNF},
+        "none": {},
+    }
+    out: dict = {}
+    try:
+        for name, kw in kinds.items():
+            for b in batches:
+                params = SamplingParams(temperature=0.0, n_predict=n_out + 1, ignore_eos=True, **kw)
+                t = time.perf_counter()
+                engine.grammars.compile(params)
+                compile_s = time.perf_counter() - t
+                rids = [engine.add_request(prompt(16), params) for _ in range(b)]
+                while any(r in engine.requests and engine.requests[r].num_computed_tokens < 16 for r in rids):
+                    engine.step()
+                spent.update(fill=0.0, apply=0.0)
+                t, steps, n = time.perf_counter(), 0, 0
+                while engine.has_unfinished() and steps < n_out:
+                    n += sum(len(o.new_token_ids) for o in engine.step())
+                    steps += 1
+                wall = time.perf_counter() - t
+                for r in rids:
+                    engine.abort(r)
+                while engine.has_unfinished():
+                    engine.step()
+                out[f"{name}_b{b}"] = {
+                    "compile_s": round(compile_s, 3),
+                    "step_ms": round(1e3 * wall / steps, 2),
+                    "fill_ms": round(1e3 * spent["fill"] / steps, 3),
+                    "apply_ms": round(1e3 * spent["apply"] / steps, 3),
+                    "mask_share": round((spent["fill"] + spent["apply"]) / wall, 4),
+                    "tok_s": round(n / wall, 1),
+                }
+    finally:
+        sampler.fill_bitmask, sampler.apply_bitmask = fill, apply  # type: ignore[assignment]
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("-m", "--model", help="GGUF file (default: the bundled model)")
@@ -84,6 +161,10 @@ def main() -> int:
         help="concurrency levels of the served run (comma-separated; empty to skip)",
     )
     ap.add_argument("--prompt-tokens-served", type=int, default=64)
+    ap.add_argument(
+        "--constrained", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+        help="only measure constrained decoding at these batch sizes (e.g. 1,8): mask cost per step",
+    )
     args = ap.parse_args()
 
     from runtime.default_model import default_model_path
@@ -91,7 +172,7 @@ def main() -> int:
     path = args.model or str(default_model_path())
     rss0 = rss_mb()
     t0 = time.perf_counter()
-    most = max([args.concurrency, *args.clients])
+    most = max([args.concurrency, *args.clients, *args.constrained])
     n_ctx = max(4096, (max(args.prompt_tokens, args.prompt_tokens_served) + args.decode_tokens + 16) * most)
     cfg = EngineConfig(
         model_path=path, dtype=args.dtype, weights=args.weights, gemm_dtype=args.gemm_dtype,
@@ -108,6 +189,10 @@ def main() -> int:
         return torch.randint(100, min(vocab, 20000), (n,), generator=g).tolist()
 
     engine.generate([prompt(32)], greedy)  # warm-up
+    if args.constrained:
+        res = constrained(engine, prompt, args.constrained, args.decode_tokens)
+        print(json.dumps({"model": Path(path).name, "threads": args.threads, "constrained": res}))
+        return 0
     pp = []
     for _ in range(args.repeats):
         p = prompt(args.prompt_tokens)

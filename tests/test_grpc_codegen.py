@@ -47,9 +47,9 @@ def test_loaded_descriptors_are_the_proto_files():
 def test_sampling_params_message_mirrors_the_runtime():
     proto = set(sampling_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
     runtime = {f.name for f in dataclasses.fields(SamplingParams)}
-    # penalty_prompt (text or ids) becomes penalty_prompt_tokens; grammar/json_schema await constrained decoding.
+    # penalty_prompt (text or ids) becomes penalty_prompt_tokens.
     assert runtime - proto == {"penalty_prompt_tokens"}
-    assert proto - runtime == {"penalty_prompt", "grammar", "json_schema"}
+    assert proto - runtime == {"penalty_prompt"}
     for f in sampling_pb2.SamplingParams.DESCRIPTOR.fields:
         if not f.is_repeated and f.message_type is None:
             assert f.has_presence, f"{f.name}: unset must differ from zero (proto3 optional)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -79,11 +80,18 @@ def test_logit_bias_by_id_text_and_ban(tok):
         conv.sampling_params(spb.SamplingParams(logit_bias=[spb.LogitBias(token_id=1)]), tok)
 
 
-def test_constrained_decoding_is_not_supported_yet(tok):
-    with pytest.raises(
-        InvalidRequestError, match="^json_schema: constrained decoding is not supported yet$"
-    ):
-        conv.sampling_params(spb.SamplingParams(json_schema=struct_pb2.Struct()), tok)
+def test_grammar_and_json_schema_carry_over(tok):
+    assert conv.sampling_params(spb.SamplingParams(grammar='root ::= "a"'), tok).grammar == 'root ::= "a"'
+    schema = struct_pb2.Struct()
+    schema.update({"type": "array", "maxItems": 3, "items": {"const": 2.5}})
+    p = conv.sampling_params(spb.SamplingParams(json_schema=schema), tok)
+    # A Struct's numbers are doubles; integral ones read as JSON integers again (its key order is its own).
+    assert p.json_schema is not None
+    assert json.loads(p.json_schema) == {"type": "array", "maxItems": 3, "items": {"const": 2.5}}
+    assert '"maxItems": 3,' in p.json_schema or p.json_schema.endswith('"maxItems": 3}')
+    assert conv.sampling_params(spb.SamplingParams(json_schema=struct_pb2.Struct()), tok).json_schema == "{}"
+    with pytest.raises(InvalidRequestError, match='^Either "json_schema" or "grammar"'):
+        conv.sampling_params(spb.SamplingParams(grammar="root ::= x", json_schema=schema), tok)
 
 
 def test_chat_messages_carry_only_set_fields():

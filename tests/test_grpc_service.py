@@ -48,8 +48,8 @@ def runtime_message(**kw) -> str:
             "token id 200000 is out of range [0, 128256)",
         ),
         (
-            {"text": "x", "params": spb.SamplingParams(grammar="root ::= [a-z]")},
-            "grammar: constrained decoding is not supported yet",
+            {"text": "x", "params": spb.SamplingParams(grammar="root ::= foo")},
+            "Failed to parse grammar: Rule 'foo' not found",
         ),
         (
             {"text": "x", "params": spb.SamplingParams(samplers=["bogus"])},

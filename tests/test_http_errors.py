@@ -84,7 +84,7 @@ def test_out_of_range_values_are_400_naming_the_field(client, field, value):
 @pytest.mark.parametrize(
     "body",
     [
-        {"grammar": "root ::= x"}, {"json_schema": {"type": "object"}}, {"image_data": [{"data": "x", "id": 1}]},
+        {"image_data": [{"data": "x", "id": 1}]},
         {"lora": [{"id": 0, "scale": 1}]}, {"post_sampling_probs": True},
     ],
 )  # fmt: skip
@@ -94,13 +94,32 @@ def test_features_not_built_yet_are_a_clear_400(client, body):
 
 
 @pytest.mark.parametrize(
+    "body, start",
+    [
+        ({"grammar": 'root ::= "a'}, "Failed to parse grammar: "),
+        ({"grammar": "root ::= undefined"}, "Failed to parse grammar: "),
+        ({"grammar": 5}, "grammar: must be a string"),
+        ({"json_schema": {"type": "bogus"}}, "Failed to parse json_schema: "),
+        ({"json_schema": {"properties": {"a": {"$ref": "#/$defs/none"}}}}, "Failed to parse json_schema: "),
+        ({"json_schema": {}, "grammar": "root ::= x"}, 'Either "json_schema" or "grammar"'),
+    ],
+)
+def test_invalid_grammar_or_schema_is_400_before_queueing(client, body, start):
+    for stream in (False, True):
+        message = assert_error(client.post("/completion", json={"prompt": "x", "stream": stream, **body}), 400)
+        assert message.startswith(start), message
+
+
+@pytest.mark.parametrize(
     "path,body",
     [
         ("/v1/chat/completions", {}), ("/v1/chat/completions", {"messages": "hi"}),
         ("/v1/chat/completions", {"messages": [{"content": "x"}]}), ("/v1/chat/completions", {"messages": [], "n": 0}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "bogus"}}}}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}),
+        ("/v1/completions", {"prompt": "x", "grammar": "root ::= ["}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream_options": 5}),
         ("/v1/completions", {}), ("/v1/completions", {"prompt": "x", "echo": True}),

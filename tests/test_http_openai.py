@@ -145,7 +145,7 @@ def test_stop_sequences_end_with_finish_reason_stop(oai):
 @pytest.mark.parametrize(
     "extra",
     [
-        {"response_format": {"type": "json_object"}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}},
         {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
         {"top_logprobs": 2},
         {"n": 0},
