@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -27,6 +28,9 @@ class ForwardBatch:
     block_tables: torch.Tensor  # (B, M) int64, padded with 0
     seqs: tuple[SeqSlice, ...]
     logits_indices: torch.Tensor  # (N,) int64, rows whose logits are wanted
+    # Index tensors derived once per step and shared by every layer (attention's decode
+    # plan per window size); not part of the batch's identity.
+    memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_tokens(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -28,9 +30,9 @@ def paged_attention(
     """
     cache.write(layer, batch.slot_mapping, k, v)
     out = torch.empty(q.shape[0], q.shape[1], cache.v[layer].shape[-1], dtype=q.dtype, device=q.device)
-    decode = [b for b, s in enumerate(batch.seqs) if s.n_new == 1]
-    if decode:
-        _decode_rows(q, out, cache, layer, batch, decode, scale, sliding_window, softcap)
+    plan = decode_plan(batch, cache.block_size, sliding_window)
+    if plan is not None:
+        _decode_rows(q, out, cache, layer, plan, scale, softcap)
     for b, s in enumerate(batch.seqs):
         if s.n_new == 1:
             continue
@@ -47,43 +49,62 @@ def paged_attention(
     return out
 
 
+@dataclass(frozen=True)
+class DecodePlan:
+    """Where the decode rows of a step read their keys; the same for every layer of one window kind."""
+
+    starts: torch.Tensor  # (B,) batch rows of the sequences with one new token
+    blocks: torch.Tensor  # (B, W) block ids, from the block of each sequence's first visible key
+    mask: torch.Tensor  # (B, 1, 1, W * block_size) bool, visible keys
+
+
+def decode_plan(batch: ForwardBatch, block_size: int, window: int) -> DecodePlan | None:
+    """The step's decode rows (None if there are none), built once per step and window.
+
+    Each sequence's visible keys are read from whole blocks, from the block of its
+    first visible key on, and the tail is masked; a sequence alone takes the very same
+    path (B = 1), and masked keys add exact zeros, so its output does not depend on
+    what else is in the batch.
+    """
+    if window in batch.memo:
+        plan: DecodePlan | None = batch.memo[window]
+        return plan
+    seqs = [s for s in batch.seqs if s.n_new == 1]
+    rows = [b for b, s in enumerate(batch.seqs) if s.n_new == 1]
+    plan = None
+    if seqs:
+        bs, dev = block_size, batch.token_ids.device
+        lo = [max(0, s.n_ctx - window) if window else 0 for s in seqs]  # first visible key
+        first = [x // bs for x in lo]
+        width = max(-(-s.n_ctx // bs) - f for s, f in zip(seqs, first))
+        tables = batch.block_tables[rows]  # (B, M), padded with block 0
+        if tables.shape[1] < max(first) + width:  # room for every window: pad with block 0
+            tables = F.pad(tables, (0, max(first) + width - tables.shape[1]))
+        cols = torch.tensor(first, device=dev)[:, None] + torch.arange(width, device=dev)
+        pos = cols[:, :1] * bs + torch.arange(width * bs, device=dev)  # (B, S) key positions
+        n_ctx = torch.tensor([s.n_ctx for s in seqs], device=dev)[:, None]
+        mask = (pos < n_ctx) & (pos >= torch.tensor(lo, device=dev)[:, None])
+        starts = torch.tensor([s.start for s in seqs], device=dev)
+        plan = DecodePlan(starts, tables.gather(1, cols), mask[:, None, None, :])
+    batch.memo[window] = plan
+    return plan
+
+
 def _decode_rows(
     q: torch.Tensor,
     out: torch.Tensor,
     cache: KVCache,
     layer: int,
-    batch: ForwardBatch,
-    rows: list[int],
+    plan: DecodePlan,
     scale: float,
-    window: int,
     softcap: float,
 ) -> None:
-    """One attention call for every sequence with a single new token (decode), into out's rows.
-
-    Each sequence's visible keys are gathered from whole blocks, from the block of its
-    first visible key on, and the tail is masked; a sequence alone takes the very same
-    path (B = 1), and masked keys add exact zeros, so its output does not depend on
-    what else is in the batch.
-    """
-    bs = cache.block_size
-    seqs = [batch.seqs[b] for b in rows]
-    lo = [max(0, s.n_ctx - window) if window else 0 for s in seqs]  # first visible key
-    first = [x // bs for x in lo]
-    width = max(-(-s.n_ctx // bs) - f for s, f in zip(seqs, first))
-    tables = batch.block_tables[rows]  # (B, M), padded with block 0
-    if tables.shape[1] < max(first) + width:  # room for every window: pad with block 0
-        tables = torch.nn.functional.pad(tables, (0, max(first) + width - tables.shape[1]))
-    cols = torch.tensor(first, device=q.device)[:, None] + torch.arange(width, device=q.device)
-    sel = tables.gather(1, cols)  # (B, width) block ids
-    k = cache.k[layer][sel].flatten(1, 2).to(q.dtype)  # (B, S, KVH, D), S = width * bs
-    v = cache.v[layer][sel].flatten(1, 2).to(q.dtype)
-    pos = cols[:, :1] * bs + torch.arange(width * bs, device=q.device)  # (B, S) key positions
-    n_ctx = torch.tensor([s.n_ctx for s in seqs], device=q.device)[:, None]
-    mask = (pos < n_ctx) & (pos >= torch.tensor(lo, device=q.device)[:, None])
-    starts = torch.tensor([s.start for s in seqs], device=q.device)
-    qb = q[starts].unsqueeze(2)  # (B, H, 1, D)
+    """One attention call for every sequence with a single new token (decode), into out's rows."""
+    k = cache.k[layer][plan.blocks].flatten(1, 2).to(q.dtype)  # (B, S, KVH, D)
+    v = cache.v[layer][plan.blocks].flatten(1, 2).to(q.dtype)
+    qb = q[plan.starts].unsqueeze(2)  # (B, H, 1, D)
     kb, vb = k.transpose(1, 2), v.transpose(1, 2)  # (B, KVH, S, D)
-    m = mask[:, None, None, :]  # (B, 1, 1, S)
+    m = plan.mask  # (B, 1, 1, S)
     if not softcap:
         o = F.scaled_dot_product_attention(
             qb, kb, vb, attn_mask=m, scale=scale, enable_gqa=kb.shape[1] != qb.shape[1]
@@ -94,7 +115,7 @@ def _decode_rows(
         scores = torch.matmul(qb.float(), kb.float().transpose(2, 3)) * scale  # (B, H, 1, S)
         scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~m, float("-inf"))
         o = torch.matmul(scores.softmax(-1), vb.float()).to(q.dtype)
-    out[starts] = o.squeeze(2)  # (B, H, Dv)
+    out[plan.starts] = o.squeeze(2)  # (B, H, Dv)
 
 
 def _attend(
