@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from runtime import ops
 from runtime.config import RopeConfig
 
 
@@ -30,16 +31,5 @@ class Rotary:
         return angles.cos()[:, None, :], angles.sin()[:, None, :]
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x (T, heads, head_dim) -> same shape, rotated in float32."""
-        d = self.cfg.dim
-        xf = x.float()
-        rot, rest = xf[..., :d], xf[..., d:]
-        if self.cfg.neox:
-            x1, x2 = rot[..., : d // 2], rot[..., d // 2 :]
-            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        else:
-            x1, x2 = rot[..., 0::2], rot[..., 1::2]
-            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        if rest.shape[-1]:
-            out = torch.cat((out, rest), dim=-1)
-        return out.to(x.dtype)
+        """x (T, heads, head_dim) -> same shape, rotated in float32 on the first `dim` channels."""
+        return ops.rope(x, cos, sin, self.cfg.neox)

@@ -1,4 +1,4 @@
-"""Custom torch ops for weights kept in GGUF blocks: quantized matmul and dequantization.
+"""Custom torch ops: quantized matmul and dequantization of GGUF blocks, fused RMS norm and rotary.
 
 Importing this package defines the ops (runtime/ops/schema.py, reference fallback on
 every device); `use_cpu_kernels()` compiles or loads the C++ CPU kernels and registers
@@ -41,7 +41,17 @@ def dequantize(w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     return torch.ops.gguf_serve.dequantize(w, qtype, k)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., d) * rsqrt(mean(x^2) + eps) * weight (d,), computed in float32, in x's dtype."""
+    return torch.ops.gguf_serve.rms_norm(x, weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
+    """x (T, H, D) rotated by cos/sin (T, 1, half) on its first 2 * half channels, in x's dtype."""
+    return torch.ops.gguf_serve.rope(x, cos, sin, neox)
+
+
 __all__ = [
-    "GEMM_DTYPES", "KernelBuildError", "dequantize", "qmatmul", "set_gemm_dtype",
-    "set_num_threads", "use_cpu_kernels",
+    "GEMM_DTYPES", "KernelBuildError", "dequantize", "qmatmul", "rms_norm", "rope",
+    "set_gemm_dtype", "set_num_threads", "use_cpu_kernels",
 ]  # fmt: skip

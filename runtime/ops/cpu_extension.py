@@ -1,4 +1,4 @@
-"""The compiled CPU kernels (csrc/quant_cpu.cpp), built once per source version into the user's cache."""
+"""The compiled CPU kernels (csrc/*.cpp), built once per source version into the user's cache."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from runtime.errors import GGUFServeError
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("quant_cpu.cpp", "quant_kernels.h", "work_pool.h")
+SOURCES = ("quant_cpu.cpp", "quant_kernels.h", "work_pool.h", "fused_cpu.cpp")
+COMPILED = ("quant_cpu.cpp", "fused_cpu.cpp")  # translation units; the .h files are included
 # -ffp-contract=off: no fused multiply-adds in dequantization, so blocks match the torch
 # reference bit for bit; -fopenmp-simd: `omp simd` vectorization hints only (threads are
 # work_pool.h's, not an OpenMP runtime's).
@@ -46,7 +47,7 @@ def load(verbose: bool = False) -> ModuleType:
     try:
         module: ModuleType = cpp_extension.load(
             name="gguf_serve_quant_cpu",
-            sources=[str(CSRC / "quant_cpu.cpp")],
+            sources=[str(CSRC / name) for name in COMPILED],
             extra_cflags=CFLAGS,
             extra_ldflags=["-pthread"],
             build_directory=str(out),

@@ -19,6 +19,12 @@ LIB.define("qmatmul(Tensor x, Tensor w, int qtype, int k) -> Tensor")
 LIB.define("dequantize(Tensor w, int qtype, int k) -> Tensor")
 LIB.impl("qmatmul", reference.qmatmul, "CompositeExplicitAutograd")
 LIB.impl("dequantize", reference.dequantize, "CompositeExplicitAutograd")
+# The small per-token ops of a step, fused on the CPU (csrc/fused_cpu.cpp); the reference
+# (a chain of torch ops) runs everywhere else.
+LIB.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
+LIB.define("rope(Tensor x, Tensor cos, Tensor sin, bool neox) -> Tensor")
+LIB.impl("rms_norm", reference.rms_norm, "CompositeExplicitAutograd")
+LIB.impl("rope", reference.rope, "CompositeExplicitAutograd")
 
 
 def use_cuda_kernels() -> bool:
@@ -44,3 +50,13 @@ def _qmatmul_fake(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch
 @torch.library.register_fake("gguf_serve::dequantize")
 def _dequantize_fake(w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     return w.new_empty((w.shape[0], k), dtype=torch.float32)
+
+
+@torch.library.register_fake("gguf_serve::rms_norm")
+def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("gguf_serve::rope")
+def _rope_fake(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
+    return torch.empty_like(x)

@@ -7,10 +7,13 @@
 // waits only for chunks a worker has already claimed (and is therefore running).
 // A worker that wakes late finds the counter exhausted, or of a newer job, and
 // claims nothing. Workers = torch's intra-op thread count - 1 (so -t governs it).
+// A worker that has just finished spins for a moment before sleeping: the jobs of a
+// decode step come every few microseconds, and a futex wake-up costs more than most.
 
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -49,6 +52,7 @@ class WorkPool {
             chunks_ = chunks;
             done_.store(0, std::memory_order_relaxed);
             next_.store((uint64_t)gen << 32, std::memory_order_release);
+            published_.store(gen, std::memory_order_release);
         }
         cv_.notify_all();
         work(gen, chunks, &fn);
@@ -68,6 +72,19 @@ class WorkPool {
         }
     }
 
+    // Busy-wait up to kSpin for a job newer than `seen` (the caller then takes the lock).
+    void spin(uint32_t seen) const {
+        const auto until = std::chrono::steady_clock::now() + kSpin;
+        while (published_.load(std::memory_order_acquire) == seen) {
+            for (int i = 0; i < 64; ++i) {
+#if defined(__x86_64__)
+                __builtin_ia32_pause();
+#endif
+            }
+            if (std::chrono::steady_clock::now() > until) return;
+        }
+    }
+
     void grow(int n) {
         while ((int)workers_.size() < n) workers_.emplace_back([this] { loop(); });
     }
@@ -78,6 +95,7 @@ class WorkPool {
             const Fn* fn;
             int64_t chunks;
             uint32_t gen;
+            spin(seen);
             {
                 std::unique_lock<std::mutex> g(mu_);
                 cv_.wait(g, [&] { return gen_ != seen; });
@@ -91,11 +109,13 @@ class WorkPool {
         }
     }
 
+    static constexpr std::chrono::microseconds kSpin{200};
     std::mutex run_mu_, mu_;
     std::condition_variable cv_;
     std::vector<std::thread> workers_;
     std::atomic<uint64_t> next_{0};  // generation << 32 | next chunk
     std::atomic<int64_t> done_{0};
+    std::atomic<uint32_t> published_{0};  // gen_, readable without the lock
     const Fn* fn_ = nullptr;
     int64_t chunks_ = 0;
     uint32_t gen_ = 0;

@@ -1,0 +1,79 @@
+"""The fused CPU kernels of the per-token ops (RMS norm, rotary) against their plain-torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime import ops
+from runtime.ops import reference
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    ops.use_cpu_kernels()
+
+
+def rand(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 3).to(dtype)
+
+
+@pytest.mark.parametrize("shape", [(1, 640), (7, 640), (5, 4, 256), (3, 33), (0, 8)])
+def test_rms_norm_matches_reference(shape):
+    x, w = rand(*shape), rand(shape[-1], seed=1)
+    got, want = ops.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    # float32 sums of squares in another order: a few ulps
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+
+
+def test_rms_norm_keeps_the_activation_dtype_and_takes_strided_input():
+    x, w = rand(6, 64, dtype=torch.bfloat16), rand(64, seed=1)
+    got = ops.rms_norm(x, w, 1e-5)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, reference.rms_norm(x, w, 1e-5), rtol=1e-2, atol=1e-2)
+    xt = rand(64, 6).t()  # not contiguous
+    torch.testing.assert_close(ops.rms_norm(xt, w, 1e-5), reference.rms_norm(xt, w, 1e-5), rtol=2e-6, atol=1e-6)
+
+
+def test_rms_norm_row_does_not_depend_on_the_batch():
+    x, w = rand(9, 640), rand(640, seed=1)
+    alone = ops.rms_norm(x[4:5], w, 1e-6)
+    assert torch.equal(ops.rms_norm(x, w, 1e-6)[4:5], alone)
+
+
+@pytest.mark.parametrize("neox", [True, False], ids=["neox", "norm"])
+@pytest.mark.parametrize("t,h,d,rot", [(1, 4, 256, 256), (5, 2, 64, 64), (3, 3, 128, 64), (0, 2, 8, 8)])
+def test_rope_is_bit_exact(neox, t, h, d, rot):
+    x = rand(t, h, d)
+    angles = torch.arange(t, dtype=torch.float32)[:, None] * rand(rot // 2, seed=2).abs()
+    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+    got = ops.rope(x, cos, sin, neox)
+    # the same products and sums, each rounded once, with no fused multiply-add
+    assert torch.equal(got, reference.rope(x, cos, sin, neox))
+    if rot < d:
+        assert torch.equal(got[..., rot:], x[..., rot:])
+
+
+def test_rope_bfloat16_activations():
+    x = rand(2, 2, 16, dtype=torch.bfloat16)
+    cos, sin = torch.ones(2, 1, 8) * 0.6, torch.ones(2, 1, 8) * 0.8
+    got = ops.rope(x, cos, sin, True)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, reference.rope(x, cos, sin, True))
+
+
+def test_opcheck():
+    torch.library.opcheck(torch.ops.gguf_serve.rms_norm, (rand(3, 16), rand(16, seed=1), 1e-6))
+    cos, sin = torch.rand(3, 1, 4), torch.rand(3, 1, 4)
+    torch.library.opcheck(torch.ops.gguf_serve.rope, (rand(3, 2, 8), cos, sin, False))
+
+
+def test_bad_shapes_are_errors():
+    with pytest.raises(RuntimeError, match="weight must be"):
+        ops.rms_norm(rand(2, 8), rand(7), 1e-6)
+    with pytest.raises(RuntimeError, match="x must be"):
+        ops.rope(rand(2, 8), torch.ones(2, 1, 4), torch.ones(2, 1, 4), True)
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        ops.rope(rand(2, 1, 8), torch.ones(3, 1, 4), torch.ones(3, 1, 4), True)
+    with pytest.raises(RuntimeError, match="exceeds head_dim"):
+        ops.rope(rand(2, 1, 8), torch.ones(2, 1, 8), torch.ones(2, 1, 8), True)
