@@ -28,8 +28,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("-tb", "--threads-batch", type=int, default=0, help="threads for the prompt (0: -t)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="activation/weight dtype")
     p.add_argument(
-        "--gemm-dtype", choices=GEMM_DTYPES, default="float32",
-        help="matmul type of prompt batches with --weights quant (bfloat16: ~2x faster, rounded)",
+        "--gemm-dtype", choices=GEMM_DTYPES, default="bfloat16",
+        help="CPU float32 matmuls: on the bfloat16 units at ~float32 accuracy (default) or IEEE",
     )  # fmt: skip
     p.add_argument(
         "--weights", choices=WEIGHTS, default="quant",

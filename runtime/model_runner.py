@@ -33,8 +33,7 @@ class ModelRunner:
         # which run on their own threads; torch's many tiny ops then run on one thread,
         # since each of its parallel regions waits for every thread (slow on a busy machine).
         self.kernel_threads = loaded.weights == "quant" and self.device.type == "cpu"
-        if self.kernel_threads:
-            ops.set_gemm_dtype(cfg.gemm_dtype)
+        self.gemm_dtype = cfg.gemm_dtype  # CPU float32 matmuls: IEEE or on the bfloat16 units
 
     def _set_threads(self, num_tokens: int) -> None:
         small = num_tokens <= SMALL_STEP
@@ -64,9 +63,10 @@ class ModelRunner:
         want = [s.sample and s.request.pooling is None for s in sched.seqs]
         batch = ForwardBatch.build(new_tokens, computed, tables, self.block_size, want, self.device)
         self._set_threads(len(batch.token_ids))
-        hidden = self.model.hidden_states(batch, self.cache)  # (T, hidden)
-        pooled = self._pool(sched, batch, hidden)
-        logits = self.model.logits(hidden[batch.logits_indices]) if any(want) else None
+        with ops.gemm_precision(self.gemm_dtype):
+            hidden = self.model.hidden_states(batch, self.cache)  # (T, hidden)
+            pooled = self._pool(sched, batch, hidden)
+            logits = self.model.logits(hidden[batch.logits_indices]) if any(want) else None
         rows = []
         for s, w in zip(sched.seqs, want):
             if not w:
@@ -121,4 +121,5 @@ class ModelRunner:
             batch.token_ids, batch.positions, batch.slot_mapping, batch.block_tables, batch.seqs, rows
         )
         self._set_threads(len(token_ids))
-        return self.model.forward(batch, self.cache)
+        with ops.gemm_precision(self.gemm_dtype):
+            return self.model.forward(batch, self.cache)

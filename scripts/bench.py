@@ -151,7 +151,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--weights", default="quant", choices=["quant", "dense"])
-    ap.add_argument("--gemm-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--gemm-dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=1, help="parallel decode streams")

@@ -152,10 +152,6 @@ void check_weight(const torch::Tensor& w, int64_t qtype, int64_t k) {
                 " bytes do not hold ", k, " values of GGUF type ", qtype);
 }
 
-// The large-batch path multiplies in bfloat16 (x and the dequantized tile rounded to it,
-// float32 accumulation: about twice float32's speed on AVX512-BF16/AMX) when set.
-std::atomic<bool> g_gemm_bf16{false};
-
 // Threads for the kernels; 0 follows torch's intra-op setting.
 std::atomic<int> g_threads{0};
 
@@ -204,14 +200,13 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& w, int64_t
     const auto x = x_in.to(torch::kFloat32).contiguous();
     const int64_t t = x.size(0), n = w.size(0), row_bytes = w.stride(0);
     if (t > kSmallBatch) {
-        const bool bf16 = g_gemm_bf16.load(std::memory_order_relaxed);
-        const auto xm = bf16 ? x.to(torch::kBFloat16) : x;
+        // float32 GEMM; with --gemm-dtype bfloat16 the caller has let oneDNN run it on the
+        // bfloat16 units (torch.backends.mkldnn.matmul.fp32_precision), still float32 in and out.
         auto tile = [&](int64_t r0, int64_t r1) {
-            auto wt = dequantize_rows(w, qtype, k, r0, r1);
-            return at::matmul(xm, (bf16 ? wt.to(torch::kBFloat16) : wt).t());  // (t, r1 - r0)
+            return at::matmul(x, dequantize_rows(w, qtype, k, r0, r1).t());  // (t, r1 - r0)
         };
         const int64_t rows = std::max<int64_t>(1, kTileElements / k);
-        if (rows >= n) return tile(0, n).to(torch::kFloat32);
+        if (rows >= n) return tile(0, n);
         auto y = torch::empty({t, n}, x.options());
         for (int64_t r0 = 0; r0 < n; r0 += rows) {
             const int64_t r1 = std::min(n, r0 + rows);
@@ -244,8 +239,6 @@ std::string isa() { return kernels().isa; }
 
 void set_num_threads(int64_t n) { g_threads.store((int)std::max<int64_t>(0, n)); }
 
-void set_gemm_bf16(bool on) { g_gemm_bf16.store(on); }
-
 // The schemas are defined in Python (runtime/ops/schema.py), with the plain-torch
 // reference as the fallback for every device; these are the CPU kernels.
 TORCH_LIBRARY_IMPL(gguf_serve, CPU, m) {
@@ -255,7 +248,6 @@ TORCH_LIBRARY_IMPL(gguf_serve, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("isa", &isa, "the instruction set the kernels were picked for");
-    m.def("set_gemm_bf16", &set_gemm_bf16, "large batches multiply in bfloat16 (true) or float32");
     m.def("use_isa", &use_isa, "pick a build by name (for tests); returns the runnable ones");
     m.def("set_num_threads", &set_num_threads, "threads for the kernels (0: torch's intra-op count)");
 }
