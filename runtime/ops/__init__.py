@@ -40,7 +40,7 @@ def gemm_precision(dtype: str) -> Iterator[None]:
     """
     if dtype not in GEMM_DTYPES:
         raise ValueError(f"gemm dtype must be one of {GEMM_DTYPES}, got {dtype!r}")
-    matmul = torch.backends.mkldnn.matmul
+    matmul = torch.backends.mkldnn.matmul  # type: ignore[attr-defined]  # set at run time by torch
     before = matmul.fp32_precision
     matmul.fp32_precision = "bf16" if dtype == "bfloat16" else "ieee"
     try:
