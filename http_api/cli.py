@@ -127,7 +127,7 @@ _FLAGS: list[_Flag] = [
     (_SERVER, ("--chat-template-file",), dict(metavar="FNAME", help="file holding a Jinja chat template")),
     (_OURS, ("--max-queue",), dict(type=int, default=1024, metavar="N", help="requests waiting for a slot at most; more answer 503 (default: 1024, 0 = no limit)")),
     (_OURS, ("--dtype",), dict(choices=sorted(DTYPES), default="float32", help="activation and dense weight dtype")),
-    (_OURS, ("--gemm-dtype",), dict(choices=GEMM_DTYPES, default="bfloat16", help="CPU float32 matmuls (prompts, big batches): bfloat16 runs them on the CPU's bfloat16 units at ~float32 accuracy (~2.5x faster with AVX512-BF16/AMX); float32: plain IEEE")),
+    (_OURS, ("--gemm-dtype",), dict(choices=GEMM_DTYPES, default="bfloat16", help="prompt GEMMs of --weights quant on the CPU: bfloat16 runs them on the bfloat16 units at ~float32 accuracy (~2.5x faster with AVX512-BF16/AMX); float32: plain IEEE")),
     (_OURS, ("--weights",), dict(choices=WEIGHTS, default="quant", help="quant: weights stay in GGUF blocks (quantized kernels); dense: dequantized to --dtype at load")),
     (_OURS, ("--grpc-port",), dict(type=int, default=50051, help="gRPC port beside HTTP, same engine (default: 50051; 0 disables)")),
     (_OURS, ("--no-http",), dict(dest="http", action="store_false", help="serve gRPC only")),

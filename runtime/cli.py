@@ -29,7 +29,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="activation/weight dtype")
     p.add_argument(
         "--gemm-dtype", choices=GEMM_DTYPES, default="bfloat16",
-        help="CPU float32 matmuls: on the bfloat16 units at ~float32 accuracy (default) or IEEE",
+        help="prompt GEMMs of --weights quant on the CPU: on the bfloat16 units at ~float32 accuracy (default) or IEEE",
     )  # fmt: skip
     p.add_argument(
         "--weights", choices=WEIGHTS, default="quant",

@@ -155,8 +155,8 @@ class EngineConfig:
     dtype: str = "float32"  # activations and dense weights
     weights: str = "quant"  # "quant": matrices stay in GGUF blocks (runtime/ops); "dense": dequantized
     use_mmap: bool = True  # quant weights are views of the file's memory map; False: copied into RAM
-    # CPU float32 matmuls (prompts, big batches): "bfloat16" runs them on the bfloat16 units
-    # with float32 accuracy (~1e-6; ops.gemm_precision), ~2.5x faster; "float32": IEEE.
+    # Quantized CPU kernels' GEMMs (steps over 8 tokens): "bfloat16" runs them on the bfloat16
+    # units at float32 accuracy (~1e-6; ops.gemm_precision), ~2.5x faster; "float32": IEEE.
     gemm_dtype: str = "bfloat16"
     n_ctx: int = 4096  # KV pool, in tokens (all slots share it)
     block_size: int = 16  # tokens per KV block

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 
 from runtime import ops
@@ -33,7 +35,11 @@ class ModelRunner:
         # which run on their own threads; torch's many tiny ops then run on one thread,
         # since each of its parallel regions waits for every thread (slow on a busy machine).
         self.kernel_threads = loaded.weights == "quant" and self.device.type == "cpu"
-        self.gemm_dtype = cfg.gemm_dtype  # CPU float32 matmuls: IEEE or on the bfloat16 units
+        self.gemm_dtype = cfg.gemm_dtype  # the kernels' prompt GEMMs: IEEE or on the bfloat16 units
+
+    def _gemm_precision(self) -> AbstractContextManager[None]:
+        """--gemm-dtype for this forward: it only concerns the quantized CPU kernels."""
+        return ops.gemm_precision(self.gemm_dtype) if self.kernel_threads else nullcontext()
 
     def _set_threads(self, num_tokens: int) -> None:
         small = num_tokens <= SMALL_STEP
@@ -63,7 +69,7 @@ class ModelRunner:
         want = [s.sample and s.request.pooling is None for s in sched.seqs]
         batch = ForwardBatch.build(new_tokens, computed, tables, self.block_size, want, self.device)
         self._set_threads(len(batch.token_ids))
-        with ops.gemm_precision(self.gemm_dtype):
+        with self._gemm_precision():
             hidden = self.model.hidden_states(batch, self.cache)  # (T, hidden)
             pooled = self._pool(sched, batch, hidden)
             logits = self.model.logits(hidden[batch.logits_indices]) if any(want) else None
@@ -121,5 +127,5 @@ class ModelRunner:
             batch.token_ids, batch.positions, batch.slot_mapping, batch.block_tables, batch.seqs, rows
         )
         self._set_threads(len(token_ids))
-        with ops.gemm_precision(self.gemm_dtype):
+        with self._gemm_precision():
             return self.model.forward(batch, self.cache)

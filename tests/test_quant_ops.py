@@ -66,13 +66,14 @@ def test_bfloat16_gemm_keeps_float32_accuracy(kernels):
     w = weight(T.Q4_K, 64, 512)
     x = torch.randn(32, 512, generator=torch.Generator().manual_seed(3))
     exact = reference.qmatmul(x.double(), w, int(T.Q4_K), 512)  # float64 products
-    matmul = torch.backends.mkldnn.matmul
+    matmul = torch.backends.mkldnn.matmul  # torch's own setting: only our GEMM changes it
     before = matmul.fp32_precision
     with ops.gemm_precision("bfloat16"):
-        assert matmul.fp32_precision == "bf16"
+        assert kernels.gemm_bf16()
         fast = ops.qmatmul(x, w, int(T.Q4_K), 512)  # 32 rows: the GEMM path
         small = ops.qmatmul(x[:8], w, int(T.Q4_K), 512)  # up to 8 rows: the fused kernels
-    assert matmul.fp32_precision == before  # process-wide: restored
+        assert matmul.fp32_precision == before
+    assert not kernels.gemm_bf16()  # process-wide: restored
     with ops.gemm_precision("float32"):
         ieee = ops.qmatmul(x, w, int(T.Q4_K), 512)
     scale = exact.abs().max()

@@ -124,10 +124,12 @@ def _attend(
     """q (n, H, D), k/v (S, KVH, D), mask (n, S) bool -> (n, H, Dv)."""
     qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
     if not softcap:
+        # 4-D (1, H, n, D): torch's CPU flash kernel takes it; 3-D falls back to the
+        # unfused math path (twice as slow on a 512-token prompt)
         o = F.scaled_dot_product_attention(
-            qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=kh.shape[0] != qh.shape[0]
+            qh[None], kh[None], vh[None], attn_mask=mask, scale=scale, enable_gqa=kh.shape[0] != qh.shape[0]
         )
-        return o.transpose(0, 1)
+        return o[0].transpose(0, 1)
     group = qh.shape[0] // kh.shape[0]
     kh, vh = kh.repeat_interleave(group, 0), vh.repeat_interleave(group, 0)
     scores = torch.matmul(qh.float(), kh.float().transpose(1, 2)) * scale  # (H, n, S)

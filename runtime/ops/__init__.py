@@ -29,24 +29,23 @@ def set_num_threads(n: int) -> None:
 
 @contextmanager
 def gemm_precision(dtype: str) -> Iterator[None]:
-    """float32 matmuls on the CPU inside the block: "float32" (IEEE) or "bfloat16".
+    """The CPU kernels' large-batch GEMMs (over 8 rows) inside the block: "float32" or "bfloat16".
 
-    "bfloat16" lets oneDNN compute float32 GEMMs on the bfloat16 dot-product units
-    (torch.backends.mkldnn.matmul.fp32_precision = "bf16"): float32 in and out, each
-    operand split into bfloat16 parts, so results stay within ~1e-6 of IEEE float32
-    (measured: 8e-7 vs 4e-7 relative) at ~2.5x the speed where the CPU has AVX512-BF16
-    or AMX; CPUs without them run IEEE float32. The setting is process-wide, hence
-    restored on exit: the engine thread sets it around each forward.
+    "bfloat16" lets oneDNN compute those float32 GEMMs on the bfloat16 dot-product units
+    (fp32_precision "bf16", set around each GEMM only): float32 in and out, each operand
+    split into bfloat16 parts, so results stay within ~1e-6 of IEEE float32 (measured:
+    8e-7 vs 4e-7 relative) at ~2.5x the speed where the CPU has AVX512-BF16 or AMX;
+    other CPUs run IEEE float32. The flag is process-wide, hence restored on exit.
     """
     if dtype not in GEMM_DTYPES:
         raise ValueError(f"gemm dtype must be one of {GEMM_DTYPES}, got {dtype!r}")
-    matmul = torch.backends.mkldnn.matmul  # type: ignore[attr-defined]  # set at run time by torch
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "bf16" if dtype == "bfloat16" else "ieee"
+    kernels = load()
+    before = kernels.gemm_bf16()
+    kernels.set_gemm_bf16(dtype == "bfloat16")
     try:
         yield
     finally:
-        matmul.fp32_precision = before
+        kernels.set_gemm_bf16(before)
 
 
 def qmatmul(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:

@@ -152,6 +152,26 @@ void check_weight(const torch::Tensor& w, int64_t qtype, int64_t k) {
                 " bytes do not hold ", k, " values of GGUF type ", qtype);
 }
 
+// With --gemm-dtype bfloat16 the large-batch path lets oneDNN run its float32 GEMM on the
+// bfloat16 units (fp32_precision "bf16": operands split into bfloat16 parts, float32 in and
+// out, ~1e-6 relative error). Only around that GEMM: torch's CPU flash attention runs ~10x
+// slower for single-token queries under the same setting.
+std::atomic<bool> g_gemm_bf16{false};
+
+struct Bf16MatmulScope {
+    explicit Bf16MatmulScope(bool on) : on_(on) {
+        if (!on_) return;
+        auto& ctx = at::globalContext();
+        before_ = ctx.float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
+        ctx.setFloat32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL, at::Float32Precision::BF16);
+    }
+    ~Bf16MatmulScope() {
+        if (on_) at::globalContext().setFloat32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL, before_);
+    }
+    bool on_;
+    at::Float32Precision before_ = at::Float32Precision::NONE;
+};
+
 // Threads for the kernels; 0 follows torch's intra-op setting.
 std::atomic<int> g_threads{0};
 
@@ -200,8 +220,7 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& w, int64_t
     const auto x = x_in.to(torch::kFloat32).contiguous();
     const int64_t t = x.size(0), n = w.size(0), row_bytes = w.stride(0);
     if (t > kSmallBatch) {
-        // float32 GEMM; with --gemm-dtype bfloat16 the caller has let oneDNN run it on the
-        // bfloat16 units (torch.backends.mkldnn.matmul.fp32_precision), still float32 in and out.
+        const Bf16MatmulScope scope(g_gemm_bf16.load(std::memory_order_relaxed));
         auto tile = [&](int64_t r0, int64_t r1) {
             return at::matmul(x, dequantize_rows(w, qtype, k, r0, r1).t());  // (t, r1 - r0)
         };
@@ -237,6 +256,10 @@ torch::Tensor dequantize(const torch::Tensor& w, int64_t qtype, int64_t k) {
 
 std::string isa() { return kernels().isa; }
 
+void set_gemm_bf16(bool on) { g_gemm_bf16.store(on); }
+
+bool gemm_bf16() { return g_gemm_bf16.load(); }
+
 void set_num_threads(int64_t n) { g_threads.store((int)std::max<int64_t>(0, n)); }
 
 // The schemas are defined in Python (runtime/ops/schema.py), with the plain-torch
@@ -249,5 +272,7 @@ TORCH_LIBRARY_IMPL(gguf_serve, CPU, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("isa", &isa, "the instruction set the kernels were picked for");
     m.def("use_isa", &use_isa, "pick a build by name (for tests); returns the runnable ones");
+    m.def("set_gemm_bf16", &set_gemm_bf16, "large-batch GEMMs on the bfloat16 units, float32 accuracy");
+    m.def("gemm_bf16", &gemm_bf16, "whether set_gemm_bf16 is on");
     m.def("set_num_threads", &set_num_threads, "threads for the kernels (0: torch's intra-op count)");
 }
