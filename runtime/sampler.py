@@ -59,13 +59,16 @@ _STAGES: dict[str, Stage] = {
 }
 
 
-def _adjusted(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+def _adjusted(logits: torch.Tensor, rows: Sequence[SampleRow], in_place: bool = False) -> torch.Tensor:
     """Grammar masks (all rows in one masked_fill), then processors and logit bias; a copy only when needed."""
     mask = fill_bitmask([r.grammar for r in rows], [r.output_ids for r in rows], logits.shape[1])
     todo = [i for i, r in enumerate(rows) if r.processors or r.state.bias_ids is not None]
     if mask is None and not todo:
         return logits
-    x = logits.clone() if mask is None else apply_bitmask(logits, mask)
+    if mask is None:  # (N, V) copy: 8 MB a row-group on a 262k vocabulary
+        x = logits if in_place else logits.clone()
+    else:
+        x = apply_bitmask(logits, mask)
     for i in todo:
         row = rows[i]
         for proc in row.processors:
@@ -90,8 +93,13 @@ def apply_chain(c: Cands, plan: Sequence[str], states: list[SamplerState], xtc_u
     return c
 
 
-def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> tuple[list[int], list[TokenLogprob | None]]:
+def sample(
+    logits: torch.Tensor, rows: Sequence[SampleRow], owned: bool = False
+) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits (N, V) float32, one row per request -> N token ids and optional log-probs.
+
+    owned: the caller gives logits up (the runner's fresh tensor), so masks and biases
+    may be applied in place unless a row reports log-probs, which read the raw values.
 
     Per row, in llama.cpp's order: the grammar's mask, logits processors,
     logit_bias and ignore_eos bans, then the request's chain (`samplers`) or
@@ -107,7 +115,8 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> tuple[list[int], 
     assert len(rows) == n, (n, len(rows))
     for r in rows:
         r.state.sync(r.output_ids)
-    x = _adjusted(logits, rows)
+    in_place = owned and all(r.state.params.n_probs == 0 for r in rows)
+    x = _adjusted(logits, rows, in_place)
     ids = [0] * n
     greedy = [i for i, r in enumerate(rows) if r.state.greedy]
     if greedy:

@@ -197,6 +197,22 @@ def test_logit_bias_bans_and_boosts():
     assert ids == [2, 9, 1]
 
 
+def test_owned_logits_are_biased_in_place_unless_log_probs_need_them():
+    def rows(n_probs=0):
+        return [greedy_row(SamplingParams(temperature=0, n_probs=n_probs, logit_bias=((1, -math.inf),)))] * 2
+
+    shared = torch.tensor([LOGITS] * 2)
+    assert sample(shared, rows())[0] == [2, 2]
+    assert torch.equal(shared, torch.tensor([LOGITS] * 2))  # not owned: untouched
+    owned = torch.tensor([LOGITS] * 2)
+    assert sample(owned, rows(), owned=True)[0] == [2, 2]
+    assert owned[0, 1] == -math.inf  # the runner's tensor: no 8 MB copy per step
+    kept = torch.tensor([LOGITS] * 2)
+    ids, lps = sample(kept, rows(n_probs=2), owned=True)
+    assert ids == [2, 2] and torch.equal(kept, torch.tensor([LOGITS] * 2))
+    assert lps[0] is not None and lps[0].top[0][0] == 1  # raw distribution: the banned token still tops it
+
+
 def test_ignore_eos_bans_end_of_generation_tokens():
     logits = torch.tensor([[9.0] + LOGITS[1:]] * 2)
     rows = [greedy_row(SamplingParams(temperature=0)), greedy_row(SamplingParams(temperature=0, ignore_eos=True))]
