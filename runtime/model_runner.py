@@ -84,7 +84,8 @@ class ModelRunner:
             rows.append(
                 SampleRow(req.sampler_state, req.output_token_ids, req.logits_processors, req.grammar)
             )
-        ids, logprobs = sample(logits, rows, owned=True) if logits is not None else ([], [])
+        with torch.inference_mode():  # logits is an inference tensor: written in place
+            ids, logprobs = sample(logits, rows, owned=True) if logits is not None else ([], [])
         picked = iter(zip(ids, logprobs))
         out: list[SampledToken | None] = []
         for i, w in enumerate(want):
