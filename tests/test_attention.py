@@ -1,14 +1,26 @@
-"""Paged attention (reference path) against dense attention written out by hand."""
+"""Paged attention (the plain-torch reference and the compiled CPU kernels) against dense attention written out by hand."""
 
 import math
 
 import pytest
 import torch
 
+from runtime import ops
 from runtime.config import ModelConfig, RopeConfig
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_cache import KVCache
 from runtime.layers.attention import paged_attention
+from runtime.ops import reference
+
+
+@pytest.fixture(params=["reference", "compiled"])
+def impl(request, monkeypatch):
+    """Decode rows through torch's gather + SDPA, or through the fused CPU kernel."""
+    if request.param == "compiled":
+        ops.use_cpu_kernels()
+    else:
+        monkeypatch.setattr(ops, "paged_decode", reference.paged_decode)
+    return request.param
 
 
 def dense(q, k, v, positions_q, window, softcap, scale):
@@ -27,7 +39,7 @@ def dense(q, k, v, positions_q, window, softcap, scale):
 
 
 @pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (0, 30.0), (3, 50.0)])
-def test_paged_matches_dense_over_two_steps(window, softcap):
+def test_paged_matches_dense_over_two_steps(window, softcap, impl):
     torch.manual_seed(0)
     H, KVH, D, bs = 4, 2, 8, 4
     cfg = ModelConfig(

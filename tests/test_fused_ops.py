@@ -77,3 +77,55 @@ def test_bad_shapes_are_errors():
         ops.rope(rand(2, 1, 8), torch.ones(3, 1, 4), torch.ones(3, 1, 4), True)
     with pytest.raises(RuntimeError, match="exceeds head_dim"):
         ops.rope(rand(2, 1, 8), torch.ones(2, 1, 8), torch.ones(2, 1, 8), True)
+
+
+def paged_case(b=5, h=4, kvh=1, d=64, dv=64, bs=16, nb=40, w=4, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, d, generator=g)
+    kc = torch.randn(nb, bs, kvh, d, generator=g).to(dtype)
+    vc = torch.randn(nb, bs, kvh, dv, generator=g).to(dtype)
+    blocks = torch.randperm(nb, generator=g)[: b * w].view(b, w)  # scattered, as the pool hands them out
+    hi = torch.randint(1, w * bs + 1, (b,), generator=g)
+    lo = (hi - torch.randint(1, w * bs + 1, (b,), generator=g)).clamp(min=0)  # sliding windows start later
+    return q, kc, vc, blocks, lo, hi
+
+
+@pytest.mark.parametrize("h,kvh", [(4, 1), (4, 2), (3, 3)])
+@pytest.mark.parametrize("softcap", [0.0, 50.0])
+def test_paged_decode_matches_reference(h, kvh, softcap):
+    q, kc, vc, blocks, lo, hi = paged_case(h=h, kvh=kvh, dv=32)
+    got = ops.paged_decode(q, kc, vc, blocks, lo, hi, 0.125, softcap)
+    want = reference.paged_decode(q, kc, vc, blocks, lo, hi, 0.125, softcap)
+    assert got.shape == (5, h, 32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_paged_decode_reads_bfloat16_caches():
+    q, kc, vc, blocks, lo, hi = paged_case(dtype=torch.bfloat16)
+    got = ops.paged_decode(q, kc, vc, blocks, lo, hi, 0.125)
+    torch.testing.assert_close(got, reference.paged_decode(q, kc, vc, blocks, lo, hi, 0.125, 0.0), rtol=1e-5, atol=1e-6)
+
+
+def test_paged_decode_row_does_not_depend_on_the_batch():
+    q, kc, vc, blocks, lo, hi = paged_case(b=8)
+    together = ops.paged_decode(q, kc, vc, blocks, lo, hi, 0.125)
+    for i in range(8):
+        alone = ops.paged_decode(q[i : i + 1], kc, vc, blocks[i : i + 1], lo[i : i + 1], hi[i : i + 1], 0.125)
+        assert torch.equal(alone[0], together[i])
+
+
+def test_paged_decode_opcheck_and_bad_input():
+    q, kc, vc, blocks, lo, hi = paged_case(b=2)
+    torch.library.opcheck(torch.ops.gguf_serve.paged_decode, (q, kc, vc, blocks, lo, hi, 0.125, 0.0))
+    bad = blocks.clone()
+    bad[0, 0] = 99  # past the 40 blocks: refused, never read
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.paged_decode(q, kc, vc, bad, torch.zeros(2, dtype=torch.int64), hi, 0.125)
+    with pytest.raises(RuntimeError, match="outside"):  # lo past hi
+        ops.paged_decode(q, kc, vc, blocks, hi + 1, hi, 0.125)
+    with pytest.raises(RuntimeError, match="outside"):  # more keys than the blocks hold
+        ops.paged_decode(q, kc, vc, blocks, lo, hi + 64, 0.125)
+    with pytest.raises(RuntimeError, match="group"):
+        ops.paged_decode(torch.randn(2, 3, 64), torch.randn(4, 16, 2, 64), torch.randn(4, 16, 2, 64),
+                         torch.zeros(2, 1, dtype=torch.int64), torch.zeros(2, dtype=torch.int64),
+                         torch.ones(2, dtype=torch.int64), 0.125)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from runtime import ops
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_cache import KVCache
 
@@ -55,16 +56,15 @@ class DecodePlan:
 
     starts: torch.Tensor  # (B,) batch rows of the sequences with one new token
     blocks: torch.Tensor  # (B, W) block ids, from the block of each sequence's first visible key
-    mask: torch.Tensor  # (B, 1, 1, W * block_size) bool, visible keys
+    lo: torch.Tensor  # (B,) first visible key, counted from the first of those blocks
+    hi: torch.Tensor  # (B,) one past the last (the new token's own)
 
 
 def decode_plan(batch: ForwardBatch, block_size: int, window: int) -> DecodePlan | None:
     """The step's decode rows (None if there are none), built once per step and window.
 
-    Each sequence's visible keys are read from whole blocks, from the block of its
-    first visible key on, and the tail is masked; a sequence alone takes the very same
-    path (B = 1), and masked keys add exact zeros, so its output does not depend on
-    what else is in the batch.
+    Each sequence reads whole blocks from the block of its first visible key on and
+    sees keys [lo, hi) of them, so its output does not depend on what else is in the batch.
     """
     if window in batch.memo:
         plan: DecodePlan | None = batch.memo[window]
@@ -81,41 +81,30 @@ def decode_plan(batch: ForwardBatch, block_size: int, window: int) -> DecodePlan
         if tables.shape[1] < max(first) + width:  # room for every window: pad with block 0
             tables = F.pad(tables, (0, max(first) + width - tables.shape[1]))
         cols = torch.tensor(first, device=dev)[:, None] + torch.arange(width, device=dev)
-        pos = cols[:, :1] * bs + torch.arange(width * bs, device=dev)  # (B, S) key positions
-        n_ctx = torch.tensor([s.n_ctx for s in seqs], device=dev)[:, None]
-        mask = (pos < n_ctx) & (pos >= torch.tensor(lo, device=dev)[:, None])
-        starts = torch.tensor([s.start for s in seqs], device=dev)
-        plan = DecodePlan(starts, tables.gather(1, cols), mask[:, None, None, :])
+
+        def ints(xs: list[int]) -> torch.Tensor:
+            return torch.tensor(xs, dtype=torch.int64, device=dev)
+
+        plan = DecodePlan(
+            starts=ints([s.start for s in seqs]),
+            blocks=tables.gather(1, cols),
+            lo=ints([x - f * bs for x, f in zip(lo, first)]),
+            hi=ints([s.n_ctx - f * bs for s, f in zip(seqs, first)]),
+        )
     batch.memo[window] = plan
     return plan
 
 
 def _decode_rows(
-    q: torch.Tensor,
-    out: torch.Tensor,
-    cache: KVCache,
-    layer: int,
-    plan: DecodePlan,
-    scale: float,
-    softcap: float,
+    q: torch.Tensor, out: torch.Tensor, cache: KVCache, layer: int, plan: DecodePlan, scale: float, softcap: float
 ) -> None:
-    """One attention call for every sequence with a single new token (decode), into out's rows."""
-    k = cache.k[layer][plan.blocks].flatten(1, 2).to(q.dtype)  # (B, S, KVH, D)
-    v = cache.v[layer][plan.blocks].flatten(1, 2).to(q.dtype)
-    qb = q[plan.starts].unsqueeze(2)  # (B, H, 1, D)
-    kb, vb = k.transpose(1, 2), v.transpose(1, 2)  # (B, KVH, S, D)
-    m = plan.mask  # (B, 1, 1, S)
-    if not softcap:
-        o = F.scaled_dot_product_attention(
-            qb, kb, vb, attn_mask=m, scale=scale, enable_gqa=kb.shape[1] != qb.shape[1]
-        )
-    else:
-        group = qb.shape[1] // kb.shape[1]
-        kb, vb = kb.repeat_interleave(group, 1), vb.repeat_interleave(group, 1)
-        scores = torch.matmul(qb.float(), kb.float().transpose(2, 3)) * scale  # (B, H, 1, S)
-        scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~m, float("-inf"))
-        o = torch.matmul(scores.softmax(-1), vb.float()).to(q.dtype)
-    out[plan.starts] = o.squeeze(2)  # (B, H, Dv)
+    """One attention call for every sequence with a single new token (decode), into out's rows.
+
+    The keys are read where they lie in the paged cache (a fused kernel on the CPU; the
+    reference gathers whole blocks and masks the rest).
+    """
+    o = ops.paged_decode(q[plan.starts], cache.k[layer], cache.v[layer], plan.blocks, plan.lo, plan.hi, scale, softcap)
+    out[plan.starts] = o  # (B, H, Dv)
 
 
 def _attend(

@@ -63,12 +63,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.ops.gguf_serve.rms_norm(x, weight, eps)
 
 
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    blocks: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    scale: float,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """q (B, H, D) attending to keys [lo_b, hi_b) of blocks (B, W) of the paged cache -> (B, H, Dv)."""
+    return torch.ops.gguf_serve.paged_decode(q, k_cache, v_cache, blocks, lo, hi, scale, softcap)
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
     """x (T, H, D) rotated by cos/sin (T, 1, half) on its first 2 * half channels, in x's dtype."""
     return torch.ops.gguf_serve.rope(x, cos, sin, neox)
 
 
 __all__ = [
-    "GEMM_DTYPES", "KernelBuildError", "dequantize", "gemm_precision", "qmatmul", "rms_norm",
-    "rope", "set_num_threads", "use_cpu_kernels",
+    "GEMM_DTYPES", "KernelBuildError", "dequantize", "gemm_precision", "paged_decode", "qmatmul",
+    "rms_norm", "rope", "set_num_threads", "use_cpu_kernels",
 ]  # fmt: skip

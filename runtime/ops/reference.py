@@ -47,3 +47,40 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> t
     if rest.shape[-1]:
         out = torch.cat((out, rest), dim=-1)
     return out.to(x.dtype)
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    blocks: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    scale: float,
+    softcap: float,
+) -> torch.Tensor:
+    """Attention of one new token per sequence over its cached keys, in place in the paged cache.
+
+    q (B, H, D); caches (num_blocks, block_size, KVH, D | Dv); blocks (B, W) block ids;
+    sequence b sees keys [lo_b, hi_b) of the W * block_size its blocks hold -> (B, H, Dv).
+    Keys are gathered from whole blocks and the rest masked, so a sequence's result does not
+    depend on the others'.
+    """
+    b, w = blocks.shape
+    bs = k_cache.shape[1]
+    k = k_cache[blocks].flatten(1, 2).to(q.dtype).transpose(1, 2)  # (B, KVH, S, D), S = W * bs
+    v = v_cache[blocks].flatten(1, 2).to(q.dtype).transpose(1, 2)
+    pos = torch.arange(w * bs, device=q.device)[None, :]
+    mask = ((pos >= lo[:, None]) & (pos < hi[:, None]))[:, None, None, :]  # (B, 1, 1, S)
+    qb = q.unsqueeze(2)  # (B, H, 1, D)
+    if not softcap:
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qb, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != qb.shape[1]
+        )
+    else:
+        group = qb.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        scores = torch.matmul(qb.float(), k.float().transpose(2, 3)) * scale  # (B, H, 1, S)
+        scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~mask, float("-inf"))
+        o = torch.matmul(scores.softmax(-1), v.float()).to(q.dtype)
+    return o.squeeze(2)

@@ -25,6 +25,11 @@ LIB.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 LIB.define("rope(Tensor x, Tensor cos, Tensor sin, bool neox) -> Tensor")
 LIB.impl("rms_norm", reference.rms_norm, "CompositeExplicitAutograd")
 LIB.impl("rope", reference.rope, "CompositeExplicitAutograd")
+LIB.define(
+    "paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor blocks, Tensor lo, Tensor hi, "
+    "float scale, float softcap) -> Tensor"
+)
+LIB.impl("paged_decode", reference.paged_decode, "CompositeExplicitAutograd")
 
 
 def use_cuda_kernels() -> bool:
@@ -60,3 +65,17 @@ def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 @torch.library.register_fake("gguf_serve::rope")
 def _rope_fake(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
     return torch.empty_like(x)
+
+
+@torch.library.register_fake("gguf_serve::paged_decode")
+def _paged_decode_fake(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    blocks: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    scale: float,
+    softcap: float,
+) -> torch.Tensor:
+    return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[-1]))

@@ -1,4 +1,4 @@
-// CPU kernels for the small per-token ops of a decode step (RMS norm, rotary embedding), one pass each.
+// CPU kernels for the small per-token ops of a decode step (RMS norm, rotary, decode attention), one pass each.
 //
 // A decode step runs ~10 of these per layer on a few hundred values; as chains of torch ops
 // each costs 5-10 dispatches, which is more time than the arithmetic. Rows are independent
@@ -6,8 +6,13 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "work_pool.h"
 
 namespace {
 
@@ -82,10 +87,101 @@ torch::Tensor rope(const torch::Tensor& x_in, const torch::Tensor& cos_in, const
     return y.to(x_in.scalar_type());
 }
 
+template <typename T>
+inline float to_f(T v) {
+    return static_cast<float>(v);
+}
+
+// One (sequence, query head): softmax(q . k_j * scale) . v_j over keys j in [lo, hi) of the
+// sequence's blocks, read where they lie in the cache (no gathered copy).
+template <typename T>
+void decode_head(const float* q, const T* kc, const T* vc, const int64_t* blocks, int64_t bs, int64_t kvh,
+                 int64_t kv, int64_t d, int64_t dv, int64_t lo, int64_t hi, float scale, float softcap,
+                 float* out, std::vector<float>& s) {
+    s.resize((size_t)std::max<int64_t>(0, hi - lo));
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t j = lo; j < hi; ++j) {
+        const T* kr = kc + ((blocks[j / bs] * bs + j % bs) * kvh + kv) * d;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < d; ++i) dot += q[i] * to_f(kr[i]);
+        float x = dot * scale;
+        if (softcap > 0.f) x = softcap * std::tanh(x / softcap);
+        s[(size_t)(j - lo)] = x;
+        m = std::max(m, x);
+    }
+    float total = 0.f;
+    for (int64_t j = lo; j < hi; ++j) total += (s[(size_t)(j - lo)] = std::exp(s[(size_t)(j - lo)] - m));
+    std::fill(out, out + dv, 0.f);
+    for (int64_t j = lo; j < hi; ++j) {
+        const T* vr = vc + ((blocks[j / bs] * bs + j % bs) * kvh + kv) * dv;
+        const float p = s[(size_t)(j - lo)] / total;
+#pragma omp simd
+        for (int64_t i = 0; i < dv; ++i) out[i] += p * to_f(vr[i]);
+    }
+}
+
+// q (B, H, D); caches (num_blocks, block_size, KVH, D|Dv); blocks (B, W) int64; lo/hi (B,):
+// sequence b attends to keys [lo_b, hi_b) of the W * block_size its blocks hold -> (B, H, Dv).
+torch::Tensor paged_decode(const torch::Tensor& q_in, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                           const torch::Tensor& blocks_in, const torch::Tensor& lo_in, const torch::Tensor& hi_in,
+                           double scale, double softcap) {
+    TORCH_CHECK(q_in.dim() == 3, "paged_decode: q must be (batch, heads, head_dim)");
+    TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.size(0) == v_cache.size(0) &&
+                    k_cache.size(1) == v_cache.size(1) && k_cache.size(2) == v_cache.size(2),
+                "paged_decode: caches must be (num_blocks, block_size, kv_heads, dim)");
+    TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "paged_decode: k and v caches differ in dtype");
+    const int64_t b_n = q_in.size(0), h_n = q_in.size(1), d = q_in.size(2);
+    const int64_t nb = k_cache.size(0), bs = k_cache.size(1), kvh = k_cache.size(2), dv = v_cache.size(3);
+    TORCH_CHECK(k_cache.size(3) == d, "paged_decode: key dim ", k_cache.size(3), " != query dim ", d);
+    TORCH_CHECK(kvh > 0 && h_n % kvh == 0, "paged_decode: ", h_n, " query heads do not group over ", kvh, " kv heads");
+    TORCH_CHECK(blocks_in.dim() == 2 && blocks_in.size(0) == b_n, "paged_decode: blocks must be (batch, width)");
+    TORCH_CHECK(lo_in.numel() == b_n && hi_in.numel() == b_n, "paged_decode: lo and hi need one value per sequence");
+    const auto q = q_in.to(torch::kFloat32).contiguous();
+    const auto kc = k_cache.contiguous();
+    const auto vc = v_cache.contiguous();
+    const auto blocks = blocks_in.to(torch::kInt64).contiguous();
+    const auto lo = lo_in.to(torch::kInt64).contiguous();
+    const auto hi = hi_in.to(torch::kInt64).contiguous();
+    const int64_t w = blocks.size(1);
+    const int64_t* bp = blocks.data_ptr<int64_t>();
+    const int64_t* lp = lo.data_ptr<int64_t>();
+    const int64_t* hp = hi.data_ptr<int64_t>();
+    int64_t keys = 1;  // the most keys a sequence sees: the work estimate per (sequence, head)
+    for (int64_t i = 0; i < b_n; ++i) {
+        keys = std::max(keys, hp[i] - lp[i]);
+        TORCH_CHECK(0 <= lp[i] && lp[i] <= hp[i] && hp[i] <= w * bs, "paged_decode: keys [", lp[i], ", ", hp[i],
+                    ") outside the ", w * bs, " the blocks hold");
+        for (int64_t c = lp[i] / bs; c < (hp[i] + bs - 1) / bs; ++c)
+            TORCH_CHECK(0 <= bp[i * w + c] && bp[i * w + c] < nb, "paged_decode: block id ", bp[i * w + c],
+                        " out of range");
+    }
+    auto out = torch::empty({b_n, h_n, dv}, q.options());
+    const float* qp = q.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    const int64_t group = h_n / kvh;
+    const float fs = (float)scale, fc = (float)softcap;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kc.scalar_type(), "paged_decode", [&] {
+        const scalar_t* kp = kc.data_ptr<scalar_t>();
+        const scalar_t* vp = vc.data_ptr<scalar_t>();
+        // (sequence, head) pairs, (hi - lo) * (d + dv) multiply-adds each
+        parallel_rows(b_n * h_n, keys * (d + dv), [&](int64_t r0, int64_t r1) {
+            std::vector<float> s;
+            for (int64_t r = r0; r < r1; ++r) {
+                const int64_t i = r / h_n, h = r % h_n;
+                decode_head<scalar_t>(qp + r * d, kp, vp, bp + i * w, bs, kvh, h / group, d, dv, lp[i], hp[i], fs,
+                                      fc, op + r * dv, s);
+            }
+        });
+    });
+    return out.to(q_in.scalar_type());
+}
+
 }  // namespace
 
 // Schemas in runtime/ops/schema.py, references in runtime/ops/reference.py.
 TORCH_LIBRARY_IMPL(gguf_serve, CPU, m) {
     m.impl("rms_norm", &rms_norm);
     m.impl("rope", &rope);
+    m.impl("paged_decode", &paged_decode);
 }

@@ -172,24 +172,6 @@ struct Bf16MatmulScope {
     at::Float32Precision before_ = at::Float32Precision::NONE;
 };
 
-// Threads for the kernels; 0 follows torch's intra-op setting.
-std::atomic<int> g_threads{0};
-
-WorkPool& pool() {
-    static WorkPool p;
-    return p;
-}
-
-// f(r0, r1) over [0, n) in chunks of at least `grain` multiply-adds (k * t per row), about
-// four chunks per thread so a thread that runs late leaves its share to the others.
-void parallel_rows(int64_t n, int64_t k, int64_t t, const std::function<void(int64_t, int64_t)>& f) {
-    const int set = g_threads.load(std::memory_order_relaxed);
-    const int threads = std::max(1, set > 0 ? set : at::get_num_threads());
-    const int64_t min_rows = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, k * t));
-    const int64_t per = std::max(min_rows, (n + 4 * threads - 1) / (4 * threads));
-    const int64_t chunks = (n + per - 1) / per;
-    pool().run(chunks, threads, [&](int64_t c) { f(c * per, std::min(n, (c + 1) * per)); });
-}
 
 // Up to this many rows of x the product runs from the blocks (each weight read once);
 // beyond it, tiles of W are dequantized and multiplied by torch's GEMM (compute-bound).
@@ -204,7 +186,7 @@ torch::Tensor dequantize_rows(const torch::Tensor& w, int64_t qtype, int64_t k, 
     float* yp = y.data_ptr<float>();
     const auto fn = kernels().dequant;
     std::atomic<bool> ok{true};
-    parallel_rows(r1 - r0, k, 1, [&](int64_t a, int64_t b) {
+    parallel_rows(r1 - r0, k, [&](int64_t a, int64_t b) {
         if (!fn((int)qtype, wp, row_bytes, yp, k, a, b)) ok = false;
     });
     TORCH_CHECK(ok, "no CPU kernel for GGUF tensor type ", qtype);
@@ -239,7 +221,7 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& w, int64_t
     float* yp = y.data_ptr<float>();
     const auto fn = kernels().matvec;
     std::atomic<bool> ok{true};
-    parallel_rows(n, k, t, [&](int64_t r0, int64_t r1) {
+    parallel_rows(n, k * t, [&](int64_t r0, int64_t r1) {
         thread_local std::vector<float> buf;
         buf.resize(k);
         if (!fn((int)qtype, wp, row_bytes, xp, yp, t, n, k, r0, r1, buf.data())) ok = false;
@@ -260,7 +242,7 @@ void set_gemm_bf16(bool on) { g_gemm_bf16.store(on); }
 
 bool gemm_bf16() { return g_gemm_bf16.load(); }
 
-void set_num_threads(int64_t n) { g_threads.store((int)std::max<int64_t>(0, n)); }
+void set_num_threads(int64_t n) { kernel_threads_setting().store((int)std::max<int64_t>(0, n)); }
 
 // The schemas are defined in Python (runtime/ops/schema.py), with the plain-torch
 // reference as the fallback for every device; these are the CPU kernels.

@@ -12,6 +12,9 @@
 
 #pragma once
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -121,3 +124,31 @@ class WorkPool {
     uint32_t gen_ = 0;
     bool stop_ = false;
 };
+
+// The one pool of the compiled kernels (every translation unit shares it) and the thread
+// count set_num_threads() gave it (0: torch's intra-op count).
+inline WorkPool& kernel_pool() {
+    static WorkPool p;
+    return p;
+}
+
+inline std::atomic<int>& kernel_threads_setting() {
+    static std::atomic<int> n{0};
+    return n;
+}
+
+// Threads the kernels use now: set_num_threads()'s count, else torch's intra-op count.
+inline int kernel_threads() {
+    const int set = kernel_threads_setting().load(std::memory_order_relaxed);
+    return std::max(1, set > 0 ? set : at::get_num_threads());
+}
+
+// f(r0, r1) over [0, n) in chunks of at least 64K multiply-adds (`work` per row), about
+// four chunks per thread so a thread that runs late leaves its share to the others.
+inline void parallel_rows(int64_t n, int64_t work, const std::function<void(int64_t, int64_t)>& f) {
+    const int threads = kernel_threads();
+    const int64_t min_rows = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, work));
+    const int64_t per = std::max(min_rows, (n + 4 * threads - 1) / (4 * threads));
+    const int64_t chunks = (n + per - 1) / per;
+    kernel_pool().run(chunks, threads, [&](int64_t c) { f(c * per, std::min(n, (c + 1) * per)); });
+}
