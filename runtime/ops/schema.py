@@ -35,11 +35,12 @@ LIB.impl("paged_decode", reference.paged_decode, "CompositeExplicitAutograd")
 def use_cuda_kernels() -> bool:
     """Register the Triton kernels for CUDA tensors (Triton ships with CUDA builds of torch)."""
     try:
-        from runtime.ops import triton_kernels
+        from runtime.ops import triton_attention, triton_kernels
     except ImportError:
         return False
     LIB.impl("qmatmul", triton_kernels.qmatmul, "CUDA")
     LIB.impl("dequantize", triton_kernels.dequantize, "CUDA")
+    LIB.impl("paged_decode", triton_attention.paged_decode, "CUDA")
     return True
 
 
