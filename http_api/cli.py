@@ -31,6 +31,7 @@ class ServerSettings:
     dtype: str = "float32"
     weights: str = "quant"
     use_mmap: bool = True  # quant weights as views of the file's memory map (--no-mmap: copies)
+    mlock: bool = False  # keep the weights' pages in RAM
     gemm_dtype: str = "bfloat16"
     device: str = "cpu"
     host: str = "127.0.0.1"
@@ -67,7 +68,6 @@ _NOT_SUPPORTED = {
     "grp_attn_w": "--grp-attn-w (self-extend) is not supported yet",
     "system_prompt_file": "-spf/--system-prompt-file is not supported (removed from llama.cpp's server too)",
     "no_cont_batching": "-nocb/--no-cont-batching: continuous batching cannot be turned off",
-    "mlock": "--mlock is not supported yet",
     "numa": "--numa is not supported yet",
 }
 
@@ -89,7 +89,7 @@ _FLAGS: list[_Flag] = [
     (_COMMON, ("-np", "--parallel"), dict(type=int, default=4, metavar="N", help="number of slots: parallel requests (default: 4)")),
     (_COMMON, ("-cb", "--cont-batching"), dict(action="store_true", help="continuous batching (always on)")),
     (_COMMON, ("-nocb", "--no-cont-batching"), dict(action="store_true", default=None, help="(not supported)")),
-    (_COMMON, ("--mlock",), dict(action="store_true", default=None, help="keep the model in RAM (not supported yet)")),
+    (_COMMON, ("--mlock",), dict(action="store_true", help="keep the model's pages in RAM (mlock; a warning if the limit refuses)")),
     (_COMMON, ("--no-mmap",), dict(action="store_true", help="copy the quantized weights into memory instead of mapping the file")),
     (_COMMON, ("--numa",), dict(metavar="TYPE", help="NUMA optimizations (not supported yet)")),
     (_COMMON, ("-ngl", "--gpu-layers", "--n-gpu-layers"), dict(dest="n_gpu_layers", metavar="N", help="accepted: the whole model runs on --device")),
@@ -211,6 +211,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
         dtype=a.dtype,
         weights=a.weights,
         use_mmap=not a.no_mmap,
+        mlock=a.mlock,
         gemm_dtype=a.gemm_dtype,
         device=device,
         host=a.host,

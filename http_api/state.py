@@ -79,13 +79,14 @@ def load_engine(settings: ServerSettings) -> Engine:
         n_threads_batch=settings.n_threads_batch,
         weights=settings.weights,
         use_mmap=settings.use_mmap,
+        mlock=settings.mlock,
         gemm_dtype=settings.gemm_dtype,
         embeddings=settings.embedding,
         pooling=settings.pooling,
         max_queue=settings.max_queue,
         slot_save_path=settings.slot_save_path,
     )
-    loaded = load_model(path, cfg.torch_dtype, cfg.device, cfg.weights, cfg.use_mmap)
+    loaded = load_model(path, cfg.torch_dtype, cfg.device, cfg.weights, cfg.use_mmap, cfg.mlock)
     if settings.n_ctx == 0:  # llama.cpp's -c 0: the model's training context
         cfg = replace(cfg, n_ctx=loaded.config.context_length)
     return Engine(cfg, loaded)

@@ -155,6 +155,7 @@ class EngineConfig:
     dtype: str = "float32"  # activations and dense weights
     weights: str = "quant"  # "quant": matrices stay in GGUF blocks (runtime/ops); "dense": dequantized
     use_mmap: bool = True  # quant weights are views of the file's memory map; False: copied into RAM
+    mlock: bool = False  # keep the weights' pages in RAM (llama.cpp's --mlock)
     # Quantized CPU kernels' GEMMs (steps over 8 tokens): "bfloat16" runs them on the bfloat16
     # units at float32 accuracy (~1e-6; ops.gemm_precision), ~2.5x faster; "float32": IEEE.
     gemm_dtype: str = "bfloat16"

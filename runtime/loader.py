@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from dataclasses import dataclass
@@ -15,9 +16,12 @@ from runtime.errors import GGUFError
 from runtime.gguf.quants import dequantize, quant_type
 from runtime.gguf.reader import GGUFFile, _short, printable
 from runtime.layers.linear import QuantWeight, Weight
+from runtime.memory_lock import lock_all_current, lock_region, locked_bytes
 from runtime.models import model_config
 from runtime.models.transformer import Transformer
 from runtime.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,13 +50,15 @@ def load_model(
     device: str = "cpu",
     weights: str = "quant",
     use_mmap: bool = True,
+    mlock: bool = False,
 ) -> LoadedModel:
     """Read and validate a GGUF model and place its weights; errors are one-line GGUFErrors.
 
     weights="quant" keeps every quantized (and F16/BF16) matrix in its GGUF blocks,
     zero-copy from the file's memory map on the CPU (use_mmap=False: copied into
     memory, like llama.cpp's --no-mmap), and runs it through runtime/ops;
-    weights="dense" dequantizes everything to `dtype` at load.
+    weights="dense" dequantizes everything to `dtype` at load. mlock: keep the weights'
+    pages in RAM (llama.cpp's --mlock); a failure is logged as a warning, as llama.cpp does.
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
@@ -105,6 +111,13 @@ def load_model(
         raise GGUFError(
             f"{cfg.arch}: {len(unknown)} tensors this architecture does not use, e.g. {printable(unknown[0])}"
         )
+    if mlock:
+        # mapped weights: lock the file's map; copied or dense ones: everything mapped now
+        why = lock_region(*f.mapping) if quant and use_mmap else lock_all_current()
+        if why:
+            log.warning("--mlock: could not lock the model in memory: %s; it may be paged out", why)
+        else:
+            log.info("--mlock: %.0f MB locked in memory", locked_bytes() / 1e6)
     return LoadedModel(
         Path(path), f, cfg, model, tokenizer, dtype, dev, time.perf_counter() - t0, weights, resident
     )

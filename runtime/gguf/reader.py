@@ -180,6 +180,12 @@ class GGUFFile:
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 
+    @property
+    def mapping(self) -> tuple[int, int]:
+        """(address, length) of the file's read-only memory map."""
+        data = self._reader.data
+        return int(data.ctypes.data), int(data.nbytes)
+
     def tensor(self, name: str) -> TensorInfo:
         try:
             return self.tensors[name]
