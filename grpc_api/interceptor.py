@@ -1,7 +1,8 @@
 """The one place exceptions become gRPC status codes, and the API-key check; both as aio interceptors.
 
 InvalidRequestError -> INVALID_ARGUMENT (its message, the same the HTTP API
-gives; a busy slot FAILED_PRECONDITION), a queue-full error -> RESOURCE_EXHAUSTED, a feature the server was not
+gives; a busy slot FAILED_PRECONDITION), a queue-full error -> RESOURCE_EXHAUSTED, a server
+shutting down -> UNAVAILABLE, a feature the server was not
 started for -> UNIMPLEMENTED, EngineError and anything
 unexpected -> INTERNAL; the servicer raises RpcError for the rest (UNAVAILABLE
 while loading, UNIMPLEMENTED, ...). Nothing reaches grpc as an exception, so
@@ -42,6 +43,7 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (errors.SlotBusyError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
     (errors.NotSupportedError, grpc.StatusCode.UNIMPLEMENTED),
     (errors.EngineError, grpc.StatusCode.INTERNAL),
     (errors.GGUFServeError, grpc.StatusCode.INTERNAL),

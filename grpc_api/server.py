@@ -96,13 +96,17 @@ class GrpcServer:
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Health goes NOT_SERVING, new calls are refused, calls in flight get `grace` seconds."""
+        await self.not_serving()
+        await self.server.stop(grace)
+
+    async def not_serving(self) -> None:
+        """Health NOT_SERVING for good (draining before a stop); calls are still served."""
         if self._follow is not None:
             self._follow.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._follow
             self._follow = None
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()

@@ -20,7 +20,7 @@ from http_api import completion, embeddings, infill, llama_routes, metrics, open
 from http_api.errors import APIError, error_response, install, not_supported
 from http_api.state import ServerState
 from runtime.async_engine import AsyncEngine
-from runtime.errors import EngineError
+from runtime.errors import EngineError, ShuttingDownError
 
 access_log = logging.getLogger("gguf_serve.http")
 
@@ -43,12 +43,12 @@ class Gate:
             return await self.app(scope, receive, send)
         path: str = scope["path"]
         try:
-            if self.state.status != "ready" and path not in WHILE_LOADING:
+            if (self.state.status != "ready" or self.state.draining) and path not in WHILE_LOADING:
                 self.state.require()
             if self.keys and path not in PUBLIC_PATHS and not self._authorized(scope):
                 raise APIError(401, "Invalid API Key")
             body = await self._read_body(scope, receive)
-        except APIError as e:
+        except (APIError, ShuttingDownError) as e:
             return await error_response(e)(scope, receive, send)
         await self.app(scope, _replay(body, receive), send)
 
@@ -140,6 +140,8 @@ async def start_grpc_beside(state: ServerState) -> GrpcServer | None:
         return None
 
     def provider() -> AsyncEngine | None:
+        if state.draining:
+            raise ShuttingDownError("the server is shutting down")
         if state.status == "error":
             raise EngineError(state.error or "the model failed to load")
         return state.loaded.engine if state.status == "ready" and state.loaded is not None else None
@@ -167,6 +169,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.start_loading()
         grpc_server = await start_grpc_beside(state)  # same engine, same event loop
+        state.grpc = grpc_server
         yield
         if grpc_server is not None:
             await grpc_server.stop(grace=5.0)  # before the engine stops: streams may finish

@@ -32,6 +32,7 @@ class ServerSettings:
     weights: str = "quant"
     use_mmap: bool = True  # quant weights as views of the file's memory map (--no-mmap: copies)
     mlock: bool = False  # keep the weights' pages in RAM
+    shutdown_timeout: float = 30.0  # SIGTERM: seconds requests in flight get before they are aborted
     gemm_dtype: str = "bfloat16"
     device: str = "cpu"
     host: str = "127.0.0.1"
@@ -125,6 +126,7 @@ _FLAGS: list[_Flag] = [
     (_SERVER, ("-spf", "--system-prompt-file"), dict(metavar="FNAME", help="(not supported)")),
     (_SERVER, ("--chat-template",), dict(metavar="JINJA_TEMPLATE", help="built-in template name or Jinja source")),
     (_SERVER, ("--chat-template-file",), dict(metavar="FNAME", help="file holding a Jinja chat template")),
+    (_OURS, ("--shutdown-timeout",), dict(type=float, default=30.0, metavar="SECONDS", help="on SIGTERM, requests in flight get this long to finish before they are aborted (default: 30)")),
     (_OURS, ("--max-queue",), dict(type=int, default=1024, metavar="N", help="requests waiting for a slot at most; more answer 503 (default: 1024, 0 = no limit)")),
     (_OURS, ("--dtype",), dict(choices=sorted(DTYPES), default="float32", help="activation and dense weight dtype")),
     (_OURS, ("--gemm-dtype",), dict(choices=GEMM_DTYPES, default="bfloat16", help="prompt GEMMs of --weights quant on the CPU: bfloat16 runs them on the bfloat16 units at ~float32 accuracy (~2.5x faster with AVX512-BF16/AMX); float32: plain IEEE")),
@@ -163,6 +165,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
         ("--grpc-port", a.grpc_port),
         ("-to/--timeout", a.timeout),
         ("--max-queue", a.max_queue),
+        ("--shutdown-timeout", a.shutdown_timeout),
     ):
         if value < 0:
             raise UsageError(f"{flag} must be >= 0, got {value}")
@@ -221,6 +224,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
         ssl_key_file=a.ssl_key_file,
         ssl_cert_file=a.ssl_cert_file,
         timeout=a.timeout,
+        shutdown_timeout=a.shutdown_timeout,
         metrics=a.metrics,
         slots=a.slots,
         chat_template=_chat_template(a.chat_template, a.chat_template_file),

@@ -18,6 +18,7 @@ from runtime.errors import (
     InvalidRequestError,
     NotSupportedError,
     QueueFullError,
+    ShuttingDownError,
 )
 
 log = logging.getLogger("gguf_serve.http")
@@ -72,7 +73,7 @@ def classify(exc: BaseException) -> tuple[int, str, str]:
         return 400, str(exc) or type(exc).__name__, TYPES[400]
     if isinstance(exc, NotSupportedError):
         return 501, str(exc), TYPES[501]
-    if isinstance(exc, QueueFullError):
+    if isinstance(exc, (QueueFullError, ShuttingDownError)):
         return 503, str(exc), TYPES[503]
     if isinstance(exc, RequestValidationError):
         return 400, _validation_message(exc), TYPES[400]

@@ -15,6 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from http_api.cli import ServerSettings, UsageError, parse_args
+from http_api.shutdown import Drain, GracefulServer
 
 if TYPE_CHECKING:
     from http_api.state import ServerState
@@ -77,6 +78,8 @@ def uvicorn_config(settings: ServerSettings, app: FastAPI) -> uvicorn.Config:
         access_log=False,  # http_api.app.AccessLog writes one line per request
         log_config=None,
         lifespan="on",
+        # after http_api.shutdown's drain: connections still open get this long to close
+        timeout_graceful_shutdown=5,
     )
 
 
@@ -97,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not settings.http:
         return asyncio.run(_grpc_only(state))
     app = create_app(state)
-    server = uvicorn.Server(uvicorn_config(settings, app))
+    server = GracefulServer(uvicorn_config(settings, app), state, settings.shutdown_timeout)
     scheme = "https" if settings.ssl_cert_file else "http"
     log.info(
         "listening on %s://%s:%d (model %s loading)",
@@ -122,12 +125,21 @@ async def _grpc_only(state: ServerState) -> int:
     state.start_loading()
     grpc_server = await start_grpc_beside(state)
     assert grpc_server is not None  # parse_args refuses --no-http without a gRPC port
+    state.grpc = grpc_server
+    drain = Drain(state, state.settings.shutdown_timeout)
     stop = asyncio.Event()
+
+    def on_signal() -> None:  # the first starts the drain, a second cuts it short
+        if stop.is_set():
+            drain.hurry()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await stop.wait()
-    await grpc_server.stop(grace=5.0)
+    await drain.run()
+    await grpc_server.stop(grace=1.0)
     state.shutdown()
     return 0 if state.status != "error" else 1
 

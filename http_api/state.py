@@ -103,6 +103,8 @@ class ServerState:
     loaded: Loaded | None = None
     totals: RequestTotals = field(default_factory=RequestTotals)
     started: float = field(default_factory=time.time)
+    draining: bool = False  # SIGTERM came: in-flight work finishes, new work is refused
+    grpc: Any = None  # the GrpcServer beside HTTP, when --grpc-port is set
     _thread: threading.Thread | None = None
 
     @cached_property
@@ -144,6 +146,10 @@ class ServerState:
 
     def require(self) -> Loaded:
         """The loaded model, or the error llama.cpp answers while loading / after a failed load."""
+        if self.draining:
+            from runtime.errors import ShuttingDownError
+
+            raise ShuttingDownError("the server is shutting down")
         if self.loaded is not None and self.status == "ready":
             return self.loaded
         if self.status == "error":

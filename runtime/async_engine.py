@@ -123,17 +123,31 @@ class AsyncEngine:
         out: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         added: asyncio.Future[str] = loop.create_future()
 
+        added_ids: list[str] = []  # written on the engine thread
+
         def add() -> None:
             try:
                 rid = add_request()
             except BaseException as e:  # reported to the caller, the loop goes on
                 loop.call_soon_threadsafe(_set_exception, added, e)
                 return
+            added_ids.append(rid)
             self._streams[rid] = _Stream(loop, out)
             loop.call_soon_threadsafe(_set_result, added, rid)
 
         self._submit(add)
-        rid = await added
+        try:
+            rid = await added
+        except BaseException:
+            # Cancelled (client gone) before the id came back: the request may be in the
+            # engine all the same; commands run in order, so this runs after add().
+            def undo() -> None:
+                for r in added_ids:
+                    self.engine.abort(r)
+                    self._streams.pop(r, None)
+
+            self._submit(undo)
+            raise
         finished = False
         try:
             while True:
@@ -157,6 +171,15 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
 
         self._submit(do)
+
+    def abort_all(self, reason: str) -> None:
+        """Abort every request; their streams end with an EngineError saying `reason`."""
+        self._submit(lambda: self._fail_all(EngineError(reason)))
+
+    @property
+    def in_flight(self) -> int:
+        """Requests with a stream still open (a plain read from any thread)."""
+        return len(self._streams)
 
     def stats(self) -> EngineStats:
         """A snapshot of the engine's counters (plain reads; consistent enough for metrics)."""

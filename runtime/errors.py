@@ -33,3 +33,7 @@ class QueueFullError(GGUFServeError):
 
 class SlotBusyError(InvalidRequestError):
     """A slot action that needs an idle slot found it running a request."""
+
+
+class ShuttingDownError(GGUFServeError):
+    """The server is draining before it stops: it takes no new work (HTTP 503, gRPC UNAVAILABLE)."""

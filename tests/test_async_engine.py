@@ -77,6 +77,56 @@ def test_leaving_a_stream_aborts_the_request(loaded, aengine):
     assert not busy and free == total
 
 
+def test_cancelled_before_the_request_id_came_back_still_aborts(loaded, aengine):
+    """A client gone while its request is being added (the id not yet known) leaks nothing."""
+    long = SamplingParams(temperature=0.0, n_predict=500, ignore_eos=True)
+    gate = __import__("threading").Event()
+
+    async def main():
+        # Hold the engine thread so the add command waits in its queue, then cancel the caller.
+        aengine._submit(gate.wait)
+
+        async def consume():
+            async for _ in aengine.generate(prompts(loaded)[1], long, request_id="early-leaver"):
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        gate.set()  # now the add runs, and right after it the abort
+        for _ in range(200):
+            if not aengine.engine.has_unfinished():
+                break
+            await asyncio.sleep(0.01)
+        return await aengine.call(lambda e: (e.has_unfinished(), e.num_free_blocks, e.blocks.num_blocks))
+
+    busy, free, total = asyncio.run(main())
+    assert not busy and free == total and aengine.in_flight == 0
+
+
+def test_abort_all_ends_every_stream_with_the_reason(loaded, aengine):
+    long = SamplingParams(temperature=0.0, n_predict=500, ignore_eos=True)
+
+    async def main():
+        async def consume(p):
+            n = 0
+            async for _ in aengine.generate(p, long):
+                n += 1
+            return n
+
+        tasks = [asyncio.create_task(consume(p)) for p in prompts(loaded)[:2]]
+        while aengine.in_flight < 2:
+            await asyncio.sleep(0.01)
+        aengine.abort_all("the server is shutting down")
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, EngineError) and "shutting down" in str(r) for r in results)
+    assert aengine.in_flight == 0 and not aengine.engine.has_unfinished()
+
+
 def test_invalid_request_raises_and_the_engine_keeps_serving(loaded, aengine):
     async def main():
         with pytest.raises(InvalidRequestError):
