@@ -1,7 +1,8 @@
 # Sourced by scripts/serve, scripts/test and the Dockerfile: makes a virtualenv with
 # gguf-serve installed, taking a CPU build of torch unless a CUDA GPU is present.
 #   ensure_env [EXTRA]   EXTRA: "" (runtime only) or "test"
-# GGUF_SERVE_VENV picks the virtualenv (default: .venv in the repository).
+# GGUF_SERVE_VENV picks the virtualenv (default: .venv in the repository); GGUF_SERVE_TORCH
+# = auto (CUDA build when a GPU is present) | cuda | cpu picks the torch build.
 
 _repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${GGUF_SERVE_VENV:-$_repo_root/.venv}"
@@ -14,14 +15,18 @@ _install_torch() {
     if "$py" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null; then
         return 0
     fi
+    local want="${GGUF_SERVE_TORCH:-auto}"
     # 1. A local wheel (these machines keep the CPU build in pip's find-links): torch itself
     #    from disk, then its small dependencies from the index (torch is already satisfied).
-    if "$py" -m pip install -q --no-index --no-deps "torch==$TORCH_VERSION" 2>/dev/null; then
+    if [ "$want" != cuda ] && "$py" -m pip install -q --no-index --no-deps "torch==$TORCH_VERSION" 2>/dev/null; then
         _log "torch $TORCH_VERSION from a local wheel"
         "$py" -m pip install -q "torch==$TORCH_VERSION"; return
     fi
-    # 2. With an NVIDIA GPU, the registry's default (CUDA) build is what we want.
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    # 2. With an NVIDIA GPU (or GGUF_SERVE_TORCH=cuda: a CUDA image built on a machine
+    #    without one), the registry's default (CUDA) build is what we want.
+    if [ "$want" = cuda ] || { [ "$want" = auto ] && command -v nvidia-smi >/dev/null 2>&1 \
+            && nvidia-smi -L >/dev/null 2>&1; }; then
+        _log "installing the CUDA build of torch $TORCH_VERSION"
         "$py" -m pip install -q "torch==$TORCH_VERSION"; return
     fi
     # 3. No GPU: PyTorch's CPU index, so no CUDA packages are pulled.

@@ -117,3 +117,19 @@ def test_bad_input_is_an_error_not_a_crash(kernels):
         ops.qmatmul(torch.randn(2, 128), w, int(T.Q8_0), 128)
     with pytest.raises(RuntimeError, match="do not hold"):
         ops.dequantize(w, int(T.Q4_K), 64)
+
+
+def test_ninja_is_found_next_to_the_interpreter(monkeypatch, tmp_path):
+    """A venv used without activation: cpp_extension still finds the venv's ninja."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from runtime.ops.cpu_extension import _find_ninja
+
+    if not (Path(sys.executable).parent / "ninja").exists():
+        pytest.skip("ninja is not installed next to this interpreter")
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing there
+    assert shutil.which("ninja") is None
+    _find_ninja()
+    assert shutil.which("ninja") == str(Path(sys.executable).parent / "ninja")

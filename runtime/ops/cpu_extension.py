@@ -6,9 +6,12 @@ import functools
 import hashlib
 import logging
 import os
+import shutil
+import sys
 from pathlib import Path
 from types import ModuleType
 
+from runtime.default_model import cache_dir
 from runtime.errors import GGUFServeError
 
 log = logging.getLogger(__name__)
@@ -33,8 +36,15 @@ def build_dir() -> Path:
     h = hashlib.sha256(torch.__version__.encode())
     for name in SOURCES:
         h.update((CSRC / name).read_bytes())
-    root = Path(os.environ.get("GGUF_SERVE_CACHE", Path.home() / ".cache" / "gguf-serve"))
-    return root / "ops" / h.hexdigest()[:16]
+    return cache_dir() / "ops" / h.hexdigest()[:16]
+
+
+def _find_ninja() -> None:
+    """cpp_extension runs `ninja` from PATH: add this interpreter's bin directory, where the
+    `ninja` dependency installs it, for a venv used without activation (CI, `.venv/bin/gguf-serve`)."""
+    if shutil.which("ninja") is None:
+        bindir = str(Path(sys.executable).parent)
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
 
 @functools.cache
@@ -44,6 +54,7 @@ def load(verbose: bool = False) -> ModuleType:
 
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
+    _find_ninja()
     try:
         module: ModuleType = cpp_extension.load(
             name="gguf_serve_quant_cpu",
