@@ -43,13 +43,27 @@ class Process:
         deadline = time.time() + 60
         while time.time() < deadline:
             assert self.proc.poll() is None, self.output()
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            if self._up("--no-http" not in flags):
+                return
             time.sleep(0.1)
         raise AssertionError("the server did not come up")
+
+    def _up(self, http: bool) -> bool:
+        if http:
+            try:
+                return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        async def check() -> bool:
+            async with aio.insecure_channel(f"127.0.0.1:{self.grpc_port}") as ch:
+                try:
+                    r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                except aio.AioRpcError:
+                    return False
+                return r.status == health_pb2.HealthCheckResponse.SERVING
+
+        return asyncio.run(check())
 
     def output(self) -> str:
         self.proc.kill()
@@ -126,3 +140,29 @@ class _CutStream:
 
     def __exit__(self, *exc: object) -> bool:
         return exc[0] is None or issubclass(exc[0], httpx.HTTPError)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_grpc_only_server_drains_on_sigterm(llama3_tiny_path):
+    srv = Process(llama3_tiny_path, "--no-http", "--shutdown-timeout", "30")
+
+    async def generate_through_sigterm() -> tuple[int, int, grpc.StatusCode]:
+        async with aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch:
+            stub = pb_grpc.InferenceStub(ch)
+            req = pb.GenerateRequest(text="Once upon a time")
+            req.params.n_predict, req.params.ignore_eos, req.params.temperature = 300, True, 0.0
+            call = stub.Generate(req)
+            got = [await call.read()]
+            srv.term()
+            await asyncio.sleep(0.3)
+            health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+            with pytest.raises(aio.AioRpcError) as refused:
+                await stub.Complete(pb.GenerateRequest(text="hi"))
+            while (d := await call.read()) != aio.EOF:
+                got.append(d)
+            return sum(len(d.token_ids) for d in got), health.status, refused.value.code()
+
+    n, status, code = asyncio.run(generate_through_sigterm())
+    assert n == 300  # the stream in flight finished
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING and code == grpc.StatusCode.UNAVAILABLE
+    assert srv.wait(30) == 0
