@@ -101,7 +101,7 @@ async def props(request: Request) -> Response:
         "endpoint_slots": state.settings.slots,
         "endpoint_props": False,
         "endpoint_metrics": state.settings.metrics,
-        "webui": state.settings.static_path is not None,
+        "webui": True,  # the bundled page, or --path's
         "chat_template": loaded.template.source,
         "bos_token": piece(tok.bos_id),
         "eos_token": piece(tok.eos_id),

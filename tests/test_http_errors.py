@@ -145,7 +145,7 @@ def test_routes_and_methods_that_do_not_exist(client):
     "method,path",
     [("GET", "/metrics"), ("GET", "/slots"), ("POST", "/slots/0?action=save"),
      ("POST", "/embedding"), ("POST", "/embeddings"), ("POST", "/v1/embeddings"), ("POST", "/rerank"),
-     ("GET", "/"), ("GET", "/completion.js"), ("POST", "/props")],
+     ("POST", "/props")],
 )  # fmt: skip
 def test_disabled_or_later_endpoints_are_501(client, method, path):
     assert_error(
