@@ -146,7 +146,9 @@ async function showModel() {
   try {
     const r = await fetch(`${API}/v1/models`); // public, as in llama.cpp: no key needed
     const models = await r.json();
-    $("model").textContent = models.data && models.data[0] ? models.data[0].id : "";
+    const id = models.data && models.data[0] ? models.data[0].id : "";
+    $("model").textContent = id.split(/[\\/]/).pop(); // a path's file name; all of it on hover
+    $("model").title = id;
   } catch (_) {
     $("model").textContent = "";
   }
