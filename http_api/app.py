@@ -9,33 +9,38 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import Response
-from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from grpc_api.server import GrpcServer, TlsFiles, start_grpc
 from http_api import completion, embeddings, infill, llama_routes, metrics, openai_routes
-from http_api.errors import APIError, error_response, install, not_supported
+from http_api.errors import APIError, error_response, install
+from http_api.pages import WEBUI_DIR, Pages
 from http_api.state import ServerState
 from runtime.async_engine import AsyncEngine
 from runtime.errors import EngineError, ShuttingDownError
 
 access_log = logging.getLogger("gguf_serve.http")
 
-# Open without an API key, as in llama.cpp (tools/server: public_endpoints, plus the web page).
-PUBLIC_PATHS = frozenset({"/health", "/v1/health", "/models", "/v1/models", "/api/tags", "/"})
+# Open without an API key, as in llama.cpp (tools/server: public_endpoints); the web page's
+# files are open too (Pages.serves).
+PUBLIC_PATHS = frozenset({"/health", "/v1/health", "/models", "/v1/models", "/api/tags"})
 # Answered while the model loads (llama.cpp lets the model list through).
 WHILE_LOADING = frozenset({"/models", "/v1/models", "/api/tags"})
 
 
 class Gate:
-    """Before any route: the model must be up, the key right, the body within the limit."""
+    """Before any route: the model must be up, the key right, the body within the limit.
 
-    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+    The web page's own files pass without a key and while loading (the page asks for the
+    key and sends it with its API calls).
+    """
+
+    def __init__(self, app: ASGIApp, state: ServerState, pages: Pages | None = None) -> None:
         self.app = app
         self.state = state
+        self.pages = pages
         self.keys = [k.encode() for k in state.settings.api_keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -43,9 +48,10 @@ class Gate:
             return await self.app(scope, receive, send)
         path: str = scope["path"]
         try:
-            if (self.state.status != "ready" or self.state.draining) and path not in WHILE_LOADING:
+            page = self.pages is not None and self.pages.serves(scope)
+            if (self.state.status != "ready" or self.state.draining) and path not in WHILE_LOADING and not page:
                 self.state.require()
-            if self.keys and path not in PUBLIC_PATHS and not self._authorized(scope):
+            if self.keys and path not in PUBLIC_PATHS and not page and not self._authorized(scope):
                 raise APIError(401, "Invalid API Key")
             body = await self._read_body(scope, receive)
         except (APIError, ShuttingDownError) as e:
@@ -182,17 +188,10 @@ def create_app(state: ServerState) -> FastAPI:
     install(app)
     for module in (llama_routes, completion, infill, openai_routes, embeddings, metrics):
         app.include_router(module.router)
-    if state.settings.static_path is not None:
-        app.mount("/", StaticFiles(directory=state.settings.static_path, html=True), name="static")
-    else:
-
-        @app.get("/", include_in_schema=False)
-        @app.get("/index.html", include_in_schema=False)
-        @app.get("/completion.js", include_in_schema=False)
-        async def web_ui(request: Request) -> Response:
-            raise not_supported("the web UI")
-
-    app.add_middleware(Gate, state=state)
+    # The web page answers where no route does: --path's files, else the bundled UI.
+    pages = Pages(state.settings.static_path or WEBUI_DIR, app.router.routes)
+    app.router.default = pages
+    app.add_middleware(Gate, state=state, pages=pages)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=["*"],

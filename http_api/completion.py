@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from http_api import openapi as oa
 from http_api.errors import JSON, bad_request, classify, dumps, error_body
 from http_api.generation import (
     Completion,
@@ -133,8 +134,8 @@ def model_of(body: Mapping[str, Any], state: ServerState) -> str:
     return m if isinstance(m, str) and m else state.model_name
 
 
-@router.post("/completion")
-@router.post("/completions")
+@router.post("/completion", openapi_extra=oa.body(oa.COMPLETION))
+@router.post("/completions", openapi_extra=oa.body(oa.COMPLETION))
 async def completion(request: Request) -> Response:
     state: ServerState = request.app.state.server
     loaded = state.require()

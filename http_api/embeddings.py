@@ -9,6 +9,7 @@ import torch
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from http_api import openapi as oa
 from http_api.completion import model_of
 from http_api.errors import JSON, bad_request
 from http_api.generation import until_disconnected
@@ -51,13 +52,13 @@ def vectors(out: RequestOutput, pooling: Pooling, embd_normalize: int) -> torch.
     return normalize(out.embedding, embd_normalize)
 
 
-@router.post("/embedding")
-@router.post("/embeddings")
+@router.post("/embedding", openapi_extra=oa.body(oa.EMBEDDING))
+@router.post("/embeddings", openapi_extra=oa.body(oa.EMBEDDING))
 async def embeddings(request: Request) -> Response:
     return await _embeddings(request, oai=False)
 
 
-@router.post("/v1/embeddings")
+@router.post("/v1/embeddings", openapi_extra=oa.body(oa.EMBEDDING))
 async def embeddings_oai(request: Request) -> Response:
     return await _embeddings(request, oai=True)
 

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from http_api import openapi as oa
 from http_api.completion import complete
 from http_api.errors import bad_request
 from http_api.params import get, is_token, parse_body, reject_unsupported
@@ -46,7 +47,7 @@ def _extra(body: dict[str, Any]) -> list[ExtraChunk]:
     return out
 
 
-@router.post("/infill")
+@router.post("/infill", openapi_extra=oa.body(oa.INFILL))
 async def infill(request: Request) -> Response:
     state: ServerState = request.app.state.server
     loaded = state.require()

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from http_api import openapi as oa
 from http_api.errors import JSON, APIError, bad_request, not_supported
 from http_api.params import generation_settings, get, is_token, parse_body, tokenize_prompts
 from http_api.state import BUILD_INFO, Loaded, ServerState
@@ -61,8 +62,11 @@ async def _slots(state: ServerState, loaded: Loaded) -> list[dict[str, Any]]:
     return out
 
 
-@router.get("/health")
-@router.get("/v1/health")
+_HEALTH_QUERY = oa.query("fail_on_no_slot", "include_slots")
+
+
+@router.get("/health", openapi_extra=_HEALTH_QUERY)
+@router.get("/v1/health", openapi_extra=_HEALTH_QUERY)
 async def health(request: Request) -> Response:
     state = _state(request)
     loaded = state.require()
@@ -101,7 +105,7 @@ async def props(request: Request) -> Response:
         "endpoint_slots": state.settings.slots,
         "endpoint_props": False,
         "endpoint_metrics": state.settings.metrics,
-        "webui": state.settings.static_path is not None,
+        "webui": True,  # the bundled page, or --path's
         "chat_template": loaded.template.source,
         "bos_token": piece(tok.bos_id),
         "eos_token": piece(tok.eos_id),
@@ -114,7 +118,7 @@ async def set_props(request: Request) -> Response:
     raise not_supported("changing global properties (POST /props)")
 
 
-@router.get("/slots")
+@router.get("/slots", openapi_extra=oa.query("fail_on_no_slot"))
 async def slots(request: Request) -> Response:
     state = _state(request)
     if not state.settings.slots:
@@ -126,7 +130,13 @@ async def slots(request: Request) -> Response:
     return JSON(out)
 
 
-@router.post("/slots/{id_slot}")
+@router.post(
+    "/slots/{id_slot}",
+    openapi_extra={
+        **oa.body(oa.SLOT_ACTION),
+        **oa.query("action", required=("action",), enums={"action": ["save", "restore", "erase"]}),
+    },
+)
 async def slot_action(request: Request, id_slot: str) -> Response:
     """llama.cpp's slot actions: ?action=save|restore (body {"filename"}) or erase."""
     loaded = _state(request).require()
@@ -156,7 +166,7 @@ async def slot_action(request: Request, id_slot: str) -> Response:
     raise bad_request("Invalid action")
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", openapi_extra=oa.body(oa.TOKENIZE))
 async def tokenize(request: Request) -> Response:
     loaded = _state(request).require()
     body = parse_body(await request.body())
@@ -192,7 +202,7 @@ async def tokenize(request: Request) -> Response:
     return JSON({"tokens": out})
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", openapi_extra=oa.body(oa.DETOKENIZE))
 async def detokenize(request: Request) -> Response:
     loaded = _state(request).require()
     body = parse_body(await request.body())
@@ -204,7 +214,7 @@ async def detokenize(request: Request) -> Response:
     return JSON({"content": tok.decode(ids)})
 
 
-@router.post("/apply-template")
+@router.post("/apply-template", openapi_extra=oa.body(oa.APPLY_TEMPLATE))
 async def apply_template(request: Request) -> Response:
     loaded = _state(request).require()
     body = parse_body(await request.body())

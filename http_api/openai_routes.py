@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from http_api import openapi as oa
 from http_api.completion import model_of, sse, sse_with_errors
 from http_api.errors import JSON, bad_request
 from http_api.generation import (
@@ -247,7 +248,7 @@ def _check_openai(body: Mapping[str, Any]) -> dict[str, Any]:
     return {}
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=oa.body(oa.OPENAI_COMPLETION))
 async def completions(request: Request) -> Response:
     state: ServerState = request.app.state.server
     loaded = state.require()
@@ -277,8 +278,8 @@ async def completions(request: Request) -> Response:
     return await _respond(request, state, kind, _copies(prompts, params, n), n, body)
 
 
-@router.post("/v1/chat/completions")
-@router.post("/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=oa.body(oa.CHAT))
+@router.post("/chat/completions", openapi_extra=oa.body(oa.CHAT))
 async def chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.server
     loaded = state.require()

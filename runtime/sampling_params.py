@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,9 @@ _CHARS = {
     "p": "top_p", "m": "min_p", "x": "xtc", "t": "temperature", "f": "tfs_z",
 }  # fmt: skip
 _UNSUPPORTED = {"infill", "i", "adaptive_p", "adaptive-p", "a"}
+# A logit_bias object key that is a token id: ASCII digits only (str.isdigit() also takes '¹',
+# which int() refuses, and int() reads other scripts' digits such as '٣' as numbers).
+_TOKEN_KEY = re.compile(r"-?[0-9]+")
 
 
 def parse_samplers(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -63,7 +67,7 @@ def resolve_logit_bias(
         return ()
     if isinstance(value, Mapping):  # keys are token ids when they parse as integers, else texts
         pairs: list[tuple[object, object]] = [
-            (int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k, b) for k, b in value.items()
+            (int(k) if isinstance(k, str) and _TOKEN_KEY.fullmatch(k) else k, b) for k, b in value.items()
         ]
     elif isinstance(value, Sequence) and not isinstance(value, str):
         pairs = []

@@ -55,3 +55,20 @@ ensure_env() {
     "$VENV/bin/python" -m runtime.ops.cpu_extension >/dev/null \
         || _log "could not build the CPU kernels: only --weights dense will work"
 }
+
+# The web page's browser test (tests/test_webui_browser.py) drives Debian's Chromium through
+# Playwright (no browser download). Installed here when it is missing and this user can:
+# root with apt-get. Never fatal: without it the test skips, or fails when CI is set.
+ensure_chromium() {
+    command -v chromium >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        _log "no chromium, and no root apt-get to install it: the browser test will skip"
+        return 0
+    fi
+    _log "installing Debian's chromium for the browser test (apt-get, about a minute)"
+    if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1; then
+        _log "could not install chromium: the browser test will skip (and fail under CI)"
+    fi
+    return 0
+}

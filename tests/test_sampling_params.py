@@ -81,6 +81,13 @@ def test_logit_bias_wire_forms():
     assert p.logit_bias == ((7, -100.0),)
 
 
+@pytest.mark.parametrize("key", ["\u00b9", "--5", "\u0663", "5\u00b2", " 5"])
+def test_logit_bias_keys_that_only_look_numeric_are_text(key):
+    """Only ASCII digits make a token id: str.isdigit() also takes '¹' (found by the HTTP fuzz:
+    int() refused it, a 500), and int() would read the Arabic-Indic '٣' as 3."""
+    assert resolve_logit_bias({key: 1}, encode) == tuple((ord(c), 1.0) for c in key)
+
+
 @pytest.mark.parametrize(
     "value,msg",
     [
