@@ -19,6 +19,7 @@ from runtime.layers.linear import QuantWeight, Weight
 from runtime.memory_lock import lock_all_current, lock_region, locked_bytes
 from runtime.models import model_config
 from runtime.models.transformer import Transformer
+from runtime.parallel import Parallel, Shard
 from runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class LoadedModel:
     load_seconds: float
     weights: str = "quant"  # "quant": matrices stay in GGUF blocks; "dense": dequantized to dtype
     weight_bytes: int = 0  # resident bytes of the model's weights
+    parallel: Parallel | None = None  # under torchrun: this rank's place; the model holds its shard
 
 
 # Kept as they are in quant mode: float32 matrices gain nothing from the block kernels.
@@ -51,6 +53,7 @@ def load_model(
     weights: str = "quant",
     use_mmap: bool = True,
     mlock: bool = False,
+    parallel: Parallel | None = None,
 ) -> LoadedModel:
     """Read and validate a GGUF model and place its weights; errors are one-line GGUFErrors.
 
@@ -59,11 +62,13 @@ def load_model(
     memory, like llama.cpp's --no-mmap), and runs it through runtime/ops;
     weights="dense" dequantizes everything to `dtype` at load. mlock: keep the weights'
     pages in RAM (llama.cpp's --mlock); a failure is logged as a warning, as llama.cpp does.
+    parallel: keep only this rank's tensor-parallel shard, on its device (runtime/parallel.py);
+    `config` stays the whole model's, `model.cfg` is the shard's.
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     quant = weights == "quant"
-    dev = torch.device(device)
+    dev = parallel.device if parallel is not None else torch.device(device)
     if quant and dev.type == "cpu":
         from runtime import ops
 
@@ -104,7 +109,11 @@ def load_model(
         resident += out.numel() * out.element_size()
         return out
 
-    model = Transformer(cfg, get, dev, dtype)
+    if parallel is None:
+        model = Transformer(cfg, get, dev, dtype)
+    else:
+        shard = Shard.of(cfg, parallel.rank, parallel.world)
+        model = Transformer(shard.config(cfg), shard.source(get, cfg), dev, dtype, parallel.all_reduce)
     ignored = {"rope_freqs.weight"}  # read into the config
     unknown = sorted(set(f.tensors) - used - ignored)
     if unknown:
@@ -119,7 +128,7 @@ def load_model(
         else:
             log.info("--mlock: %.0f MB locked in memory", locked_bytes() / 1e6)
     return LoadedModel(
-        Path(path), f, cfg, model, tokenizer, dtype, dev, time.perf_counter() - t0, weights, resident
+        Path(path), f, cfg, model, tokenizer, dtype, dev, time.perf_counter() - t0, weights, resident, parallel
     )
 
 

@@ -71,8 +71,12 @@ class Transformer:
         get: WeightSource,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
+        """`cfg` gives this process's widths (a tensor-parallel shard's, runtime/parallel.py);
+        `reduce` sums the row-parallel outputs of attention and MLP across ranks (T, hidden)."""
         self.cfg = cfg
+        self.reduce = reduce or _identity
         c = cfg
         self.embed = Embedding(get(MODEL_TENSORS["embed"], (c.vocab_size, c.hidden)), dtype)
         self.norm = dense(get(MODEL_TENSORS["norm"], (c.hidden,)))
@@ -138,12 +142,12 @@ class Transformer:
             sliding = c.is_sliding(i)
             rot, cs = (self.rotary_local, cos_sin_local) if sliding else (self.rotary, cos_sin)
             h = rms_norm(x, layer.attn_norm, c.norm_eps)
-            h = self._attention(i, layer, h, batch, cache, rot, cs, c.sliding_window if sliding else 0)
+            h = self.reduce(self._attention(i, layer, h, batch, cache, rot, cs, c.sliding_window if sliding else 0))
             if layer.post_attn_norm is not None:
                 h = rms_norm(h, layer.post_attn_norm, c.norm_eps)
             x = x + h
             h = rms_norm(x, layer.ffn_norm, c.norm_eps)
-            h = layer.down(gated(layer.gate(h), layer.up(h), c.activation))
+            h = self.reduce(layer.down(gated(layer.gate(h), layer.up(h), c.activation)))
             if layer.post_ffn_norm is not None:
                 h = rms_norm(h, layer.post_ffn_norm, c.norm_eps)
             x = x + h
@@ -202,6 +206,10 @@ def dense(w: Weight) -> torch.Tensor:
     """Vectors (norms, biases) always come dense from the loader."""
     assert isinstance(w, torch.Tensor), "1-D weights are loaded dense"
     return w
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _rotate(rot: Rotary, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
