@@ -34,6 +34,8 @@ class ServerSettings:
     mlock: bool = False  # keep the weights' pages in RAM
     gemm_dtype: str = "bfloat16"
     device: str = "cpu"
+    main_gpu: int | None = None  # -mg: rank 0's GPU (rank r uses main_gpu + r)
+    tensor_split: str | None = None  # -ts: an even split, one part per torchrun process
     host: str = "127.0.0.1"
     port: int = 8080
     static_path: str | None = None
@@ -57,7 +59,6 @@ class ServerSettings:
 
 # flag -> why it stops the start: features not built yet, or impossible on these machines.
 _NOT_SUPPORTED = {
-    "tensor_split": "-ts/--tensor-split is not supported yet (tensor parallelism runs under torchrun)",
     "model_url": "-mu/--model-url: gguf-serve does not download models; pass a local file with -m",
     "hf_repo": "-hf/--hf-repo: gguf-serve does not download models; pass a local file with -m",
     "hf_file": "-hff/--hf-file: gguf-serve does not download models; pass a local file with -m",
@@ -93,8 +94,8 @@ _FLAGS: list[_Flag] = [
     (_COMMON, ("--no-mmap",), dict(action="store_true", help="copy the quantized weights into memory instead of mapping the file")),
     (_COMMON, ("--numa",), dict(metavar="TYPE", help="NUMA optimizations (not supported yet)")),
     (_COMMON, ("-ngl", "--gpu-layers", "--n-gpu-layers"), dict(dest="n_gpu_layers", metavar="N", help="accepted: the whole model runs on --device")),
-    (_COMMON, ("-mg", "--main-gpu"), dict(type=int, metavar="INDEX", help="GPU index when --device is cuda")),
-    (_COMMON, ("-ts", "--tensor-split"), dict(metavar="SPLIT", help="split across GPUs (not supported yet)")),
+    (_COMMON, ("-mg", "--main-gpu"), dict(type=int, metavar="INDEX", help="GPU index when --device is cuda (under torchrun: rank 0's; rank r uses INDEX + r)")),
+    (_COMMON, ("-ts", "--tensor-split"), dict(metavar="SPLIT", help="tensor-parallel split, e.g. 1,1: only even, one part per torchrun process (scripts/launch_torchrun.sh)")),
     (_COMMON, ("-m", "--model"), dict(metavar="FNAME", help="GGUF model path (default: the bundled Gemma 3 270M Q4_K_M)")),
     (_COMMON, ("-mu", "--model-url"), dict(metavar="URL", help="(not supported: no downloads)")),
     (_COMMON, ("-hf", "-hfr", "--hf-repo"), dict(dest="hf_repo", metavar="REPO", help="(not supported: no downloads)")),
@@ -188,6 +189,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
         raise UsageError(f"--slot-save-path: not a directory: {a.slot_save_path!r}")
     if a.path is not None and not Path(a.path).is_dir():
         raise UsageError(f"--path: no such directory: {a.path}")
+    if a.tensor_split is not None:
+        _check_tensor_split(a.tensor_split)
     device = a.device
     if a.main_gpu is not None:
         if device.startswith("cuda") and ":" not in device:
@@ -214,6 +217,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
         mlock=a.mlock,
         gemm_dtype=a.gemm_dtype,
         device=device,
+        main_gpu=a.main_gpu,
+        tensor_split=a.tensor_split,
         host=a.host,
         port=a.port,
         static_path=a.path,
@@ -233,6 +238,16 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
         max_queue=a.max_queue,
         slot_save_path=a.slot_save_path,
     )
+
+
+def _check_tensor_split(spec: str) -> None:
+    """-ts on its own: numbers, all equal (whether their count matches the launch is checked at start)."""
+    from runtime.parallel import TensorParallelError, tensor_split
+
+    try:
+        tensor_split(spec, max(1, len([x for x in spec.replace("/", ",").split(",") if x.strip()])))
+    except TensorParallelError as e:
+        raise UsageError(str(e)) from None
 
 
 def _read_keys(path: str | None) -> tuple[str, ...]:

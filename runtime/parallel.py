@@ -209,12 +209,28 @@ class Parallel:
             self.send(None)
 
 
-def from_env(device: str = "cpu", main_gpu: int | None = None) -> Parallel | None:
+_joined: Parallel | None = None
+
+
+def joined() -> Parallel | None:
+    """The group this process joined with from_env() (None: one process)."""
+    return _joined
+
+
+def from_env(
+    device: str = "cpu", main_gpu: int | None = None, split: str | None = None
+) -> Parallel | None:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT); None for one process.
 
-    NCCL on CUDA (rank r uses GPU main_gpu + LOCAL_RANK), gloo on the CPU.
+    NCCL on CUDA (rank r uses GPU main_gpu + LOCAL_RANK), gloo on the CPU. `split`
+    (-ts/--tensor-split) must be an even split over the launched processes.
     """
+    global _joined
+    if _joined is not None:
+        return _joined
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if split is not None:
+        tensor_split(split, world)
     if world <= 1:
         return None
     rank = int(os.environ["RANK"])
@@ -230,7 +246,8 @@ def from_env(device: str = "cpu", main_gpu: int | None = None) -> Parallel | Non
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world)
-    return Parallel(rank, world, dev)
+    _joined = Parallel(rank, world, dev)
+    return _joined
 
 
 def tensor_split(spec: str, world: int) -> None:

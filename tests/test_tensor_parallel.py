@@ -204,3 +204,69 @@ def test_two_processes_on_the_default_model(default_model_path):
         prompts, SamplingParams(temperature=0.0, n_predict=N_PREDICT, ignore_eos=True)
     )
     assert _two_processes(default_model_path, prompts)["ids"] == expected
+
+
+# -- the server under torchrun -----------------------------------------------------------
+
+
+def test_tensor_split_without_torchrun_is_refused(tmp_path, monkeypatch, capsys):
+    from http_api.server import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    path = write_tiny_gguf(tmp_path / "llama.gguf", "llama", "Q8_0")
+    assert main(["-m", str(path), "-ts", "1,1", "--log-disable"]) == 1
+    err = capsys.readouterr().err
+    assert "names 2 devices but 1 process run: launch with torchrun --nproc-per-node 2" in err
+
+
+def test_launch_torchrun_serves_from_rank_0(tmp_path):
+    """scripts/launch_torchrun.sh 2: rank 0 alone binds the port and answers what 1 process does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tests.tp_harness import ROOT, free_port
+
+    path = write_tiny_gguf(tmp_path / "llama.gguf", "llama", "Q8_0")
+    prompt = _prompts(512)[1]
+    expected = _one_process(path, [prompt])[0]
+    port = free_port()
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    argv = ["bash", "scripts/launch_torchrun.sh", "2", "-m", str(path), "--port", str(port)]
+    proc = subprocess.Popen(
+        [*argv, "-t", "1", "-ts", "1,1"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.5)
+        body = {"prompt": prompt, "n_predict": N_PREDICT, "temperature": 0, "ignore_eos": True}
+        r = httpx.post(f"{url}/completion", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["tokens"] == expected
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert "tensor-parallel rank 1/2 ready" in out
