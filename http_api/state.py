@@ -71,6 +71,7 @@ def engine_config(settings: ServerSettings) -> EngineConfig:
     return EngineConfig(
         model_path=path,
         device=settings.device,
+        n_gpu_layers=settings.n_gpu_layers,
         dtype=settings.dtype,
         n_ctx=settings.n_ctx or 4096,
         n_parallel=settings.n_parallel,
@@ -95,7 +96,14 @@ def _load(settings: ServerSettings) -> tuple[EngineConfig, LoadedModel]:
 
     cfg = engine_config(settings)
     loaded = load_model(
-        cfg.model_path, cfg.torch_dtype, cfg.device, cfg.weights, cfg.use_mmap, cfg.mlock, parallel.joined()
+        cfg.model_path,
+        cfg.torch_dtype,
+        cfg.device,
+        cfg.weights,
+        cfg.use_mmap,
+        cfg.mlock,
+        parallel.joined(),
+        cfg.n_gpu_layers,
     )
     if settings.n_ctx == 0:  # llama.cpp's -c 0: the model's training context
         cfg = replace(cfg, n_ctx=loaded.config.context_length)

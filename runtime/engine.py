@@ -54,7 +54,13 @@ class Engine:
         if cfg.n_threads:
             torch.set_num_threads(cfg.n_threads)
         self.loaded = loaded or load_model(
-            cfg.model_path, cfg.torch_dtype, cfg.device, cfg.weights, cfg.use_mmap, cfg.mlock
+            cfg.model_path,
+            cfg.torch_dtype,
+            cfg.device,
+            cfg.weights,
+            cfg.use_mmap,
+            cfg.mlock,
+            n_gpu_layers=cfg.n_gpu_layers,
         )
         self.tokenizer = self.loaded.tokenizer
         self.sampler_vocab = SamplerVocab.from_tokenizer(self.tokenizer)

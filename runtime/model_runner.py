@@ -35,8 +35,10 @@ class ModelRunner:
         self.device = loaded.device
         self.block_size = cfg.block_size
         self.parallel = loaded.parallel
-        # model.cfg: this rank's KV heads under tensor parallelism
-        self.cache = KVCache(self.model.cfg, cfg.num_blocks, cfg.block_size, loaded.dtype, self.device)
+        # model.cfg: this rank's KV heads under tensor parallelism; each layer's KV on its device
+        self.cache = KVCache(
+            self.model.cfg, cfg.num_blocks, cfg.block_size, loaded.dtype, self.model.devices.layers
+        )
         # llama.cpp's -t (generation) and -tb (prompt batches).
         self.threads = torch.get_num_threads()
         self.threads_batch = cfg.n_threads_batch or self.threads
