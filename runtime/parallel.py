@@ -147,12 +147,16 @@ class Shard:
 
 
 def slice_weight(name: str, w: Weight, c: Cut) -> Weight:
-    """w[lo:hi] along c.dim, quantized weights on whole GGUF blocks (a copy: shards are contiguous)."""
-    if isinstance(w, torch.Tensor):
-        return w.narrow(c.dim, c.lo, c.hi - c.lo).contiguous()
+    """w[lo:hi] along c.dim, quantized weights on whole GGUF blocks; the shard owns its memory."""
+    if isinstance(w, torch.Tensor):  # a copy, so that the whole tensor is freed
+        return w.narrow(c.dim, c.lo, c.hi - c.lo).clone(memory_format=torch.contiguous_format)
     n, k = w.shape
-    if c.dim == 0:  # whole rows of blocks: a view of the file's map stays zero-copy
-        return QuantWeight(w.data[c.lo : c.hi], w.qtype, (c.hi - c.lo, k))
+    if c.dim == 0:
+        rows = w.data[c.lo : c.hi]
+        # On the CPU a view of the file's map stays zero-copy (the other rows' pages are
+        # never read); elsewhere a copy, so that the whole tensor is freed.
+        data = rows if rows.device.type == "cpu" else rows.clone()
+        return QuantWeight(data, w.qtype, (c.hi - c.lo, k))
     qt = quant_type(w.qtype)
     bs, ts = qt.block_size, qt.type_size
     if c.lo % bs or c.hi % bs:
