@@ -35,6 +35,9 @@ class ServerSettings:
     shutdown_timeout: float = 30.0  # SIGTERM: seconds requests in flight get before they are aborted
     gemm_dtype: str = "bfloat16"
     device: str = "cpu"
+    n_gpu_layers: int | None = None  # -ngl: the last N layers on --device, the rest on the CPU; None: all
+    main_gpu: int | None = None  # -mg: rank 0's GPU (rank r uses main_gpu + r)
+    tensor_split: str | None = None  # -ts: an even split, one part per torchrun process
     host: str = "127.0.0.1"
     port: int = 8080
     static_path: str | None = None
@@ -58,7 +61,6 @@ class ServerSettings:
 
 # flag -> why it stops the start: features not built yet, or impossible on these machines.
 _NOT_SUPPORTED = {
-    "tensor_split": "-ts/--tensor-split is not supported yet (tensor parallelism runs under torchrun)",
     "model_url": "-mu/--model-url: gguf-serve does not download models; pass a local file with -m",
     "hf_repo": "-hf/--hf-repo: gguf-serve does not download models; pass a local file with -m",
     "hf_file": "-hff/--hf-file: gguf-serve does not download models; pass a local file with -m",
@@ -93,9 +95,9 @@ _FLAGS: list[_Flag] = [
     (_COMMON, ("--mlock",), dict(action="store_true", help="keep the model's pages in RAM (mlock; a warning if the limit refuses)")),
     (_COMMON, ("--no-mmap",), dict(action="store_true", help="copy the quantized weights into memory instead of mapping the file")),
     (_COMMON, ("--numa",), dict(metavar="TYPE", help="NUMA optimizations (not supported yet)")),
-    (_COMMON, ("-ngl", "--gpu-layers", "--n-gpu-layers"), dict(dest="n_gpu_layers", metavar="N", help="accepted: the whole model runs on --device")),
-    (_COMMON, ("-mg", "--main-gpu"), dict(type=int, metavar="INDEX", help="GPU index when --device is cuda")),
-    (_COMMON, ("-ts", "--tensor-split"), dict(metavar="SPLIT", help="split across GPUs (not supported yet)")),
+    (_COMMON, ("-ngl", "--gpu-layers", "--n-gpu-layers"), dict(dest="n_gpu_layers", metavar="N", help="partial offload: the last N layers on --device (cuda), the rest on the CPU; N > n_layers also moves the output head; 0 = CPU only; all/auto/-1 = everything on --device")),
+    (_COMMON, ("-mg", "--main-gpu"), dict(type=int, metavar="INDEX", help="GPU index when --device is cuda (under torchrun: rank 0's; rank r uses INDEX + r)")),
+    (_COMMON, ("-ts", "--tensor-split"), dict(metavar="SPLIT", help="tensor-parallel split, e.g. 1,1: only even, one part per torchrun process (scripts/launch_torchrun.sh)")),
     (_COMMON, ("-m", "--model"), dict(metavar="FNAME", help="GGUF model path (default: the bundled Gemma 3 270M Q4_K_M)")),
     (_COMMON, ("-mu", "--model-url"), dict(metavar="URL", help="(not supported: no downloads)")),
     (_COMMON, ("-hf", "-hfr", "--hf-repo"), dict(dest="hf_repo", metavar="REPO", help="(not supported: no downloads)")),
@@ -191,17 +193,29 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
         raise UsageError(f"--slot-save-path: not a directory: {a.slot_save_path!r}")
     if a.path is not None and not Path(a.path).is_dir():
         raise UsageError(f"--path: no such directory: {a.path}")
+    if a.tensor_split is not None:
+        _check_tensor_split(a.tensor_split)
     device = a.device
     if a.main_gpu is not None:
         if device.startswith("cuda") and ":" not in device:
             device = f"cuda:{a.main_gpu}"
         else:
             log.warning("-mg/--main-gpu %d has no effect with --device %s", a.main_gpu, device)
+    n_gpu_layers = _gpu_layers(a.n_gpu_layers)
     if a.n_gpu_layers is not None and device == "cpu":
         log.warning(
             "-ngl/--n-gpu-layers %s has no effect: --device is cpu (use --device cuda)",
             a.n_gpu_layers,
         )
+        n_gpu_layers = None
+    if n_gpu_layers:
+        from runtime.device_map import check_device
+        from runtime.errors import InvalidRequestError
+
+        try:
+            check_device(device)
+        except InvalidRequestError as e:
+            raise UsageError(f"-ngl/--n-gpu-layers {n_gpu_layers}: {e}") from None
     return ServerSettings(
         model=a.model,
         alias=a.alias,
@@ -217,6 +231,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
         mlock=a.mlock,
         gemm_dtype=a.gemm_dtype,
         device=device,
+        n_gpu_layers=n_gpu_layers,
+        main_gpu=a.main_gpu,
+        tensor_split=a.tensor_split,
         host=a.host,
         port=a.port,
         static_path=a.path,
@@ -237,6 +254,29 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
         max_queue=a.max_queue,
         slot_save_path=a.slot_save_path,
     )
+
+
+def _gpu_layers(value: str | None) -> int | None:
+    """-ngl N: an int >= 0; all, auto and -1 (llama.cpp's spellings of 'everything') give None."""
+    if value is None or value.strip().lower() in ("all", "auto", "-1"):
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise UsageError(f"-ngl/--n-gpu-layers: expected a number of layers, all or auto, got {value!r}")
+    return n
+
+
+def _check_tensor_split(spec: str) -> None:
+    """-ts on its own: numbers, all equal (whether their count matches the launch is checked at start)."""
+    from runtime.parallel import TensorParallelError, tensor_split
+
+    try:
+        tensor_split(spec, max(1, len([x for x in spec.replace("/", ",").split(",") if x.strip()])))
+    except TensorParallelError as e:
+        raise UsageError(str(e)) from None
 
 
 def _read_keys(path: str | None) -> tuple[str, ...]:

@@ -93,6 +93,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     setup_logging(settings.log_format, settings.log_disable)
 
+    from runtime import parallel
+
+    try:  # under torchrun: join the group; rank 0 serves, the others follow it
+        par = parallel.from_env(settings.device, settings.main_gpu, settings.tensor_split)
+    except parallel.TensorParallelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        if par is not None and not par.is_driver:
+            from http_api.state import serve_tensor_parallel_rank
+
+            return serve_tensor_parallel_rank(settings)
+        return _serve(settings)
+    finally:
+        if par is not None:
+            par.stop()  # rank 0: release the other ranks, whatever happened here
+
+
+def _serve(settings: ServerSettings) -> int:
     from http_api.app import create_app
     from http_api.state import ServerState
 

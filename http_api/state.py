@@ -18,7 +18,9 @@ from runtime.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from runtime.async_engine import AsyncEngine
     from runtime.chat_template import ChatTemplate
+    from runtime.config import EngineConfig
     from runtime.engine import Engine
+    from runtime.loader import LoadedModel
     from runtime.request import Timings
     from runtime.tokenizer import Tokenizer
 
@@ -60,17 +62,16 @@ class RequestTotals:
         self.predicted_ms += t.predicted_ms
 
 
-def load_engine(settings: ServerSettings) -> Engine:
-    """The real loader: resolve the model path, read the file, size the KV pool, build the engine."""
+def engine_config(settings: ServerSettings) -> EngineConfig:
+    """The engine's settings from the command line (-c 0 resolved once the model is read)."""
     from runtime.config import EngineConfig
     from runtime.default_model import default_model_path
-    from runtime.engine import Engine
-    from runtime.loader import load_model
 
     path = settings.model or str(default_model_path())
-    cfg = EngineConfig(
+    return EngineConfig(
         model_path=path,
         device=settings.device,
+        n_gpu_layers=settings.n_gpu_layers,
         dtype=settings.dtype,
         n_ctx=settings.n_ctx or 4096,
         n_parallel=settings.n_parallel,
@@ -86,10 +87,43 @@ def load_engine(settings: ServerSettings) -> Engine:
         max_queue=settings.max_queue,
         slot_save_path=settings.slot_save_path,
     )
-    loaded = load_model(path, cfg.torch_dtype, cfg.device, cfg.weights, cfg.use_mmap, cfg.mlock)
+
+
+def _load(settings: ServerSettings) -> tuple[EngineConfig, LoadedModel]:
+    """Read the model (this rank's shard under torchrun) and settle the engine's settings."""
+    from runtime import parallel
+    from runtime.loader import load_model
+
+    cfg = engine_config(settings)
+    loaded = load_model(
+        cfg.model_path,
+        cfg.torch_dtype,
+        cfg.device,
+        cfg.weights,
+        cfg.use_mmap,
+        cfg.mlock,
+        parallel.joined(),
+        cfg.n_gpu_layers,
+    )
     if settings.n_ctx == 0:  # llama.cpp's -c 0: the model's training context
         cfg = replace(cfg, n_ctx=loaded.config.context_length)
-    return Engine(cfg, loaded)
+    return cfg, loaded
+
+
+def load_engine(settings: ServerSettings) -> Engine:
+    """The real loader: resolve the model path, read the file, size the KV pool, build the engine."""
+    from runtime.engine import Engine
+
+    return Engine(*_load(settings))
+
+
+def serve_tensor_parallel_rank(settings: ServerSettings) -> int:
+    """A torchrun rank > 0: load its shard and follow rank 0's steps until it stops (no ports bound)."""
+    from runtime.tp_worker import run_worker
+
+    cfg, loaded = _load(settings)
+    run_worker(loaded, cfg)
+    return 0
 
 
 @dataclass

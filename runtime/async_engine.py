@@ -56,6 +56,7 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        self.engine.runner.close()  # tensor-parallel ranks leave their loop
         for rid in list(self._streams):
             self._fail(rid, EngineError("the server is shutting down"))
 

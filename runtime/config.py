@@ -152,6 +152,9 @@ class EngineConfig:
 
     model_path: str
     device: str = "cpu"
+    # llama.cpp's -ngl: the last N layers on `device`, the rest on the CPU (runtime/device_map.py);
+    # None: the whole model on `device`
+    n_gpu_layers: int | None = None
     dtype: str = "float32"  # activations and dense weights
     weights: str = "quant"  # "quant": matrices stay in GGUF blocks (runtime/ops); "dense": dequantized
     use_mmap: bool = True  # quant weights are views of the file's memory map; False: copied into RAM
@@ -185,6 +188,8 @@ class EngineConfig:
         for name in ("n_threads", "n_threads_batch"):
             if getattr(self, name) < 0:
                 raise InvalidRequestError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.n_gpu_layers is not None and self.n_gpu_layers < 0:
+            raise InvalidRequestError(f"n_gpu_layers must be >= 0, got {self.n_gpu_layers}")
         if self.max_queue < 0:
             raise InvalidRequestError(f"max_queue must be >= 0, got {self.max_queue}")
         if self.pooling is not None:

@@ -54,7 +54,13 @@ class Engine:
         if cfg.n_threads:
             torch.set_num_threads(cfg.n_threads)
         self.loaded = loaded or load_model(
-            cfg.model_path, cfg.torch_dtype, cfg.device, cfg.weights, cfg.use_mmap, cfg.mlock
+            cfg.model_path,
+            cfg.torch_dtype,
+            cfg.device,
+            cfg.weights,
+            cfg.use_mmap,
+            cfg.mlock,
+            n_gpu_layers=cfg.n_gpu_layers,
         )
         self.tokenizer = self.loaded.tokenizer
         self.sampler_vocab = SamplerVocab.from_tokenizer(self.tokenizer)
@@ -78,6 +84,8 @@ class Engine:
             if cfg.pooling is not None
             else Pooling.of_model(self.loaded.gguf.metadata, self.loaded.config.arch)
         )
+        if cfg.slot_save_path and self.loaded.parallel is not None:
+            raise NotSupportedError("--slot-save-path is not supported with tensor parallelism yet")
         self.slot_store = SlotStore(cfg.slot_save_path) if cfg.slot_save_path else None
         self.requests: dict[str, Request] = {}
         self._text: dict[str, StopChecker] = {}

@@ -36,6 +36,19 @@ class ForwardBatch:
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])
 
+    def to(self, device: torch.device | str) -> ForwardBatch:
+        """This batch with its tensors on `device` (itself when they are there already)."""
+        if self.token_ids.device == torch.device(device):
+            return self
+        return ForwardBatch(
+            token_ids=self.token_ids.to(device),
+            positions=self.positions.to(device),
+            slot_mapping=self.slot_mapping.to(device),
+            block_tables=self.block_tables.to(device),
+            seqs=self.seqs,
+            logits_indices=self.logits_indices.to(device),
+        )
+
     @staticmethod
     def build(
         new_tokens: Sequence[Sequence[int]],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -10,7 +10,7 @@ from runtime.config import ModelConfig
 
 
 class KVCache:
-    """Per layer, K and V as (num_blocks, block_size, kv_heads, head_dim) tensors."""
+    """Per layer, K and V as (num_blocks, block_size, kv_heads, head_dim) tensors, each on its layer's device."""
 
     def __init__(
         self,
@@ -18,14 +18,17 @@ class KVCache:
         num_blocks: int,
         block_size: int,
         dtype: torch.dtype,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | Sequence[torch.device] = "cpu",
     ) -> None:
+        """`device`: one for every layer, or one per layer (-ngl partial offload)."""
         self.num_blocks = num_blocks
         self.block_size = block_size
         shape_k = (num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
         shape_v = (num_blocks, block_size, cfg.n_kv_heads, cfg.v_head_dim)
-        self.k = [torch.zeros(shape_k, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape_v, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        devs = [device] * cfg.n_layers if isinstance(device, (str, torch.device)) else list(device)
+        assert len(devs) == cfg.n_layers, "one device per layer"
+        self.k = [torch.zeros(shape_k, dtype=dtype, device=d) for d in devs]
+        self.v = [torch.zeros(shape_v, dtype=dtype, device=d) for d in devs]
 
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
@@ -68,12 +71,15 @@ class KVCache:
 
     def read_blocks(self, blocks: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Copies of whole blocks, per layer (len(blocks), block_size, kv_heads, head_dim), on the CPU."""
-        idx = torch.tensor(blocks, dtype=torch.int64, device=self.k[0].device)
-        return [k[idx].cpu() for k in self.k], [v[idx].cpu() for v in self.v]
+        idx = torch.tensor(blocks, dtype=torch.int64)
+        k = [t[idx.to(t.device)].cpu() for t in self.k]
+        v = [t[idx.to(t.device)].cpu() for t in self.v]
+        return k, v
 
     def write_blocks(self, blocks: list[int], k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
         """Store read_blocks()'s per-layer tensors into `blocks`."""
-        idx = torch.tensor(blocks, dtype=torch.int64, device=self.k[0].device)
+        idx = torch.tensor(blocks, dtype=torch.int64)
         for layer, (kl, vl) in enumerate(zip(k, v)):
-            self.k[layer][idx] = kl.to(self.k[layer].device, self.k[layer].dtype)
-            self.v[layer][idx] = vl.to(self.v[layer].device, self.v[layer].dtype)
+            dev = self.k[layer].device
+            self.k[layer][idx.to(dev)] = kl.to(dev, self.k[layer].dtype)
+            self.v[layer][idx.to(dev)] = vl.to(dev, self.v[layer].dtype)

@@ -12,13 +12,15 @@ import numpy as np
 import torch
 
 from runtime.config import WEIGHTS, ModelConfig
-from runtime.errors import GGUFError
+from runtime.device_map import DeviceMap, check_device
+from runtime.errors import GGUFError, NotSupportedError
 from runtime.gguf.quants import dequantize, quant_type
 from runtime.gguf.reader import GGUFFile, _short, printable
 from runtime.layers.linear import QuantWeight, Weight
 from runtime.memory_lock import lock_all_current, lock_region, locked_bytes
 from runtime.models import model_config
 from runtime.models.transformer import Transformer
+from runtime.parallel import Parallel, Shard
 from runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ class LoadedModel:
     load_seconds: float
     weights: str = "quant"  # "quant": matrices stay in GGUF blocks; "dense": dequantized to dtype
     weight_bytes: int = 0  # resident bytes of the model's weights
+    parallel: Parallel | None = None  # under torchrun: this rank's place; the model holds its shard
 
 
 # Kept as they are in quant mode: float32 matrices gain nothing from the block kernels.
@@ -51,6 +54,8 @@ def load_model(
     weights: str = "quant",
     use_mmap: bool = True,
     mlock: bool = False,
+    parallel: Parallel | None = None,
+    n_gpu_layers: int | None = None,
 ) -> LoadedModel:
     """Read and validate a GGUF model and place its weights; errors are one-line GGUFErrors.
 
@@ -59,18 +64,34 @@ def load_model(
     memory, like llama.cpp's --no-mmap), and runs it through runtime/ops;
     weights="dense" dequantizes everything to `dtype` at load. mlock: keep the weights'
     pages in RAM (llama.cpp's --mlock); a failure is logged as a warning, as llama.cpp does.
+    parallel: keep only this rank's tensor-parallel shard, on its device (runtime/parallel.py);
+    `config` stays the whole model's, `model.cfg` is the shard's.
+    n_gpu_layers: llama.cpp's -ngl partial offload, the last N layers on `device` and the
+    rest on the CPU (runtime/device_map.py); None: everything on `device`.
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    if parallel is not None and n_gpu_layers is not None:
+        raise NotSupportedError("-ngl/--n-gpu-layers partial offload does not combine with tensor parallelism")
     quant = weights == "quant"
-    dev = torch.device(device)
-    if quant and dev.type == "cpu":
-        from runtime import ops
-
-        ops.use_cpu_kernels()  # builds them the first time; a clear error if it cannot
+    dev = parallel.device if parallel is not None else torch.device(device)
+    if n_gpu_layers:
+        check_device(device)  # before reading anything: a clear error if it does not exist
     t0 = time.perf_counter()
     f = GGUFFile(path)
     cfg = model_config(f)
+    devices = (
+        DeviceMap.offload(cfg.n_layers, n_gpu_layers, device)
+        if n_gpu_layers is not None
+        else DeviceMap.single(cfg.n_layers, dev)
+    )
+    dev = devices.embed  # where batches are built and the input embedding runs
+    if quant and any(d.type == "cpu" for d in devices.devices):
+        from runtime import ops
+
+        ops.use_cpu_kernels()  # builds them the first time; a clear error if it cannot
+    if n_gpu_layers is not None:
+        log.info("-ngl %d: %s", n_gpu_layers, devices.describe())
     try:
         tokenizer = Tokenizer.from_metadata(f.metadata)
     except GGUFError:
@@ -92,19 +113,23 @@ def load_model(
             raise GGUFError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape}")
         used.add(name)
         if quant and len(shape) == 2 and t.qtype.name not in _DENSE_TYPES:
-            w = _blocks(name, t.data, t.qtype, shape, dev, copy=not use_mmap)
+            w = _blocks(name, t.data, t.qtype, shape, devices.of_tensor(name), copy=not use_mmap)
             resident += w.nbytes
             return w
         # Norm weights stay float32: rms_norm multiplies in float32 anyway.
         out_dtype = torch.float32 if name.endswith("norm.weight") else dtype
         try:
-            out = dequantize(t.data, t.qtype, shape, dtype=out_dtype, device=dev)
+            out = dequantize(t.data, t.qtype, shape, dtype=out_dtype, device=devices.of_tensor(name))
         except GGUFError as e:  # name the tensor: the type or size is the file's problem
             raise type(e)(f"tensor {printable(name)}: {e}") from e
         resident += out.numel() * out.element_size()
         return out
 
-    model = Transformer(cfg, get, dev, dtype)
+    if parallel is None:
+        model = Transformer(cfg, get, dev, dtype, devices=devices)
+    else:
+        shard = Shard.of(cfg, parallel.rank, parallel.world)
+        model = Transformer(shard.config(cfg), shard.source(get, cfg), dev, dtype, parallel.all_reduce)
     ignored = {"rope_freqs.weight"}  # read into the config
     unknown = sorted(set(f.tensors) - used - ignored)
     if unknown:
@@ -119,7 +144,7 @@ def load_model(
         else:
             log.info("--mlock: %.0f MB locked in memory", locked_bytes() / 1e6)
     return LoadedModel(
-        Path(path), f, cfg, model, tokenizer, dtype, dev, time.perf_counter() - t0, weights, resident
+        Path(path), f, cfg, model, tokenizer, dtype, dev, time.perf_counter() - t0, weights, resident, parallel
     )
 
 

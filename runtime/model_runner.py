@@ -1,4 +1,8 @@
-"""ForwardBatch -> model -> sampler -> sampled tokens, over the KV cache it owns."""
+"""ForwardBatch -> model -> sampler -> sampled tokens, over the KV cache it owns.
+
+Under tensor parallelism (loaded.parallel) every rank has a runner over its shard and its
+KV heads; rank 0's broadcasts each forward's inputs, which the others run (runtime/tp_worker.py).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,9 @@ from runtime.pooling import accumulate, pooled
 from runtime.sampler import SampleRow, SamplerVocab, new_sampler_state, sample
 from runtime.scheduler import SampledToken, SchedulerOutput
 
+# A context shift's KV move: source slots, destination slots, position delta.
+Move = tuple[tuple[int, ...], tuple[int, ...], int]
+
 # Steps of at most this many tokens run torch on one thread when the kernels have their own.
 SMALL_STEP = 16
 
@@ -27,7 +34,11 @@ class ModelRunner:
         self.model = loaded.model
         self.device = loaded.device
         self.block_size = cfg.block_size
-        self.cache = KVCache(loaded.config, cfg.num_blocks, cfg.block_size, loaded.dtype, self.device)
+        self.parallel = loaded.parallel
+        # model.cfg: this rank's KV heads under tensor parallelism; each layer's KV on its device
+        self.cache = KVCache(
+            self.model.cfg, cfg.num_blocks, cfg.block_size, loaded.dtype, self.model.devices.layers
+        )
         # llama.cpp's -t (generation) and -tb (prompt batches).
         self.threads = torch.get_num_threads()
         self.threads_batch = cfg.n_threads_batch or self.threads
@@ -52,11 +63,9 @@ class ModelRunner:
 
     def execute(self, sched: SchedulerOutput) -> list[SampledToken | None]:
         """Run one forward over every scheduled sequence; sample where a sequence asks for it."""
-        for m in sched.kv_moves:  # context shifts: before anything this step writes
-            src = torch.tensor(m.src, dtype=torch.int64, device=self.device)
-            dst = torch.tensor(m.dst, dtype=torch.int64, device=self.device)
-            self.model.move_kv(self.cache, src, dst, m.delta)
+        moves = [(m.src, m.dst, m.delta) for m in sched.kv_moves]
         if not sched.seqs:
+            self.forward(moves, None)
             return []
         new_tokens, computed, tables = [], [], []
         for s in sched.seqs:
@@ -68,9 +77,8 @@ class ModelRunner:
         # Embedding requests want no logits: their rows' hidden states are pooled instead.
         want = [s.sample and s.request.pooling is None for s in sched.seqs]
         batch = ForwardBatch.build(new_tokens, computed, tables, self.block_size, want, self.device)
-        self._set_threads(len(batch.token_ids))
+        hidden = self.forward(moves, batch)  # (T, hidden)
         with self._gemm_precision():
-            hidden = self.model.hidden_states(batch, self.cache)  # (T, hidden)
             pooled = self._pool(sched, batch, hidden)
             logits = self.model.logits(hidden[batch.logits_indices]) if any(want) else None
         rows = []
@@ -97,6 +105,32 @@ class ModelRunner:
             else:
                 out.append(None)
         return out
+
+    def forward(self, moves: list[Move], batch: ForwardBatch | None) -> torch.Tensor:
+        """Apply the context shifts' KV moves, then run the batch to its final-norm hidden states (T, hidden).
+
+        Rank 0 of a tensor-parallel group first sends both to the other ranks, which call
+        this with what they receive.
+        """
+        if not moves and batch is None:
+            return torch.empty(0)
+        if self.parallel is not None and self.parallel.is_driver:
+            self.parallel.send((moves, batch.to("cpu") if batch is not None else None))
+        for src, dst, delta in moves:  # context shifts: before anything this step writes
+            s = torch.tensor(src, dtype=torch.int64, device=self.device)
+            d = torch.tensor(dst, dtype=torch.int64, device=self.device)
+            self.model.move_kv(self.cache, s, d, delta)
+        if batch is None:
+            return torch.empty(0)
+        batch = batch.to(self.device)
+        self._set_threads(batch.num_tokens)
+        with self._gemm_precision():
+            return self.model.hidden_states(batch, self.cache)
+
+    def close(self) -> None:
+        """Rank 0 of a tensor-parallel group: let the other ranks leave their loop."""
+        if self.parallel is not None:
+            self.parallel.stop()
 
     def _pool(
         self, sched: SchedulerOutput, batch: ForwardBatch, hidden: torch.Tensor
@@ -127,6 +161,6 @@ class ModelRunner:
         batch = ForwardBatch(
             batch.token_ids, batch.positions, batch.slot_mapping, batch.block_tables, batch.seqs, rows
         )
-        self._set_threads(len(token_ids))
+        hidden = self.forward([], batch)  # (len, hidden)
         with self._gemm_precision():
-            return self.model.forward(batch, self.cache)
+            return self.model.logits(hidden)

@@ -10,11 +10,12 @@ from functools import partial
 import torch
 
 from runtime.config import ModelConfig
+from runtime.device_map import DeviceMap
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_cache import KVCache
 from runtime.layers.activation import gated
 from runtime.layers.attention import paged_attention
-from runtime.layers.linear import Embedding, Linear, QuantLinear, Weight, linear
+from runtime.layers.linear import Embedding, Linear, QuantLinear, QuantWeight, Weight, linear
 from runtime.layers.norm import rms_norm
 from runtime.layers.rotary import Rotary
 
@@ -71,19 +72,28 @@ class Transformer:
         get: WeightSource,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        devices: DeviceMap | None = None,
     ) -> None:
+        """`cfg` gives this process's widths (a tensor-parallel shard's, runtime/parallel.py);
+        `reduce` sums the row-parallel outputs of attention and MLP across ranks (T, hidden);
+        `devices` says where each part is (runtime/device_map.py; `get` places the weights
+        there), else everything is on `device`."""
         self.cfg = cfg
+        self.reduce = reduce or _identity
+        self.devices = devices or DeviceMap.single(cfg.n_layers, device)
         c = cfg
         self.embed = Embedding(get(MODEL_TENSORS["embed"], (c.vocab_size, c.hidden)), dtype)
         self.norm = dense(get(MODEL_TENSORS["norm"], (c.hidden,)))
         self.output = (
-            self.embed.as_linear()
+            linear(_to(self.embed.weight, self.devices.output))  # tied: a copy when the head is offloaded
             if c.tied_embeddings
             else linear(get(MODEL_TENSORS["output"], (c.vocab_size, c.hidden)))
         )
         self.layers = [self._layer(i, get) for i in range(c.n_layers)]
-        self.rotary = Rotary(c.rope, device)
-        self.rotary_local = Rotary(c.rope_local, device) if c.rope_local else self.rotary
+        # cos/sin are computed where the batch is (the input's device), then copied to the others
+        self.rotary = Rotary(c.rope, self.devices.embed)
+        self.rotary_local = Rotary(c.rope_local, self.devices.embed) if c.rope_local else self.rotary
 
     def _layer(self, i: int, get: WeightSource) -> Layer:
         c = self.cfg
@@ -134,20 +144,27 @@ class Transformer:
         cos_sin_local = (
             self.rotary_local.cos_sin(batch.positions) if self.rotary_local is not self.rotary else cos_sin
         )
+        # The step's inputs on each device the layers use (one copy per device and step).
+        inputs = {x.device: (batch, cos_sin, cos_sin_local)}
         for i, layer in enumerate(self.layers):
+            dev = self.devices.layers[i]
+            if dev not in inputs:
+                inputs[dev] = (batch.to(dev), _pair_to(cos_sin, dev), _pair_to(cos_sin_local, dev))
+            b, cs_global, cs_local = inputs[dev]
+            x = x.to(dev)  # (T, hidden), across a -ngl boundary
             sliding = c.is_sliding(i)
-            rot, cs = (self.rotary_local, cos_sin_local) if sliding else (self.rotary, cos_sin)
+            rot, cs = (self.rotary_local, cs_local) if sliding else (self.rotary, cs_global)
             h = rms_norm(x, layer.attn_norm, c.norm_eps)
-            h = self._attention(i, layer, h, batch, cache, rot, cs, c.sliding_window if sliding else 0)
+            h = self.reduce(self._attention(i, layer, h, b, cache, rot, cs, c.sliding_window if sliding else 0))
             if layer.post_attn_norm is not None:
                 h = rms_norm(h, layer.post_attn_norm, c.norm_eps)
             x = x + h
             h = rms_norm(x, layer.ffn_norm, c.norm_eps)
-            h = layer.down(gated(layer.gate(h), layer.up(h), c.activation))
+            h = self.reduce(layer.down(gated(layer.gate(h), layer.up(h), c.activation)))
             if layer.post_ffn_norm is not None:
                 h = rms_norm(h, layer.post_ffn_norm, c.norm_eps)
             x = x + h
-        return rms_norm(x, self.norm, c.norm_eps)
+        return rms_norm(x.to(self.devices.output), self.norm, c.norm_eps)
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,11 +184,13 @@ class Transformer:
         """
         for i in range(self.cfg.n_layers):
             rot = self.rotary_local if self.cfg.is_sliding(i) else self.rotary
+            dev = self.devices.layers[i]
+            s, d = src.to(dev), dst.to(dev)
             if delta:
-                cos, sin = rot.cos_sin(torch.full((src.numel(),), delta, device=src.device))
-                cache.move(i, src, dst, partial(_rotate, rot, cos, sin))
+                cos, sin = _pair_to(rot.cos_sin(torch.full((src.numel(),), delta, device=src.device)), dev)
+                cache.move(i, s, d, partial(_rotate, rot, cos, sin))
             else:
-                cache.move(i, src, dst)
+                cache.move(i, s, d)
 
     def _attention(
         self,
@@ -202,6 +221,20 @@ def dense(w: Weight) -> torch.Tensor:
     """Vectors (norms, biases) always come dense from the loader."""
     assert isinstance(w, torch.Tensor), "1-D weights are loaded dense"
     return w
+
+
+def _to(w: Weight, device: torch.device) -> Weight:
+    if isinstance(w, QuantWeight):
+        return QuantWeight(w.data.to(device), w.qtype, w.shape)
+    return w.to(device)
+
+
+def _pair_to(cs: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return cs[0].to(device), cs[1].to(device)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _rotate(rot: Rotary, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,38 @@
+"""The loop a tensor-parallel rank > 0 runs: receive each step from rank 0, run its shard of the forward, until told to stop."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from runtime.config import EngineConfig
+from runtime.loader import LoadedModel
+from runtime.model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+def run_worker(loaded: LoadedModel, cfg: EngineConfig) -> int:
+    """Follow rank 0's steps over this rank's shard and KV heads; returns the steps run.
+
+    `cfg` must size the KV pool as rank 0's does (the same block ids address both).
+    Rank 0 samples and serves; here only the forward runs, so that the all-reduces
+    inside it meet their partners.
+    """
+    par = loaded.parallel
+    assert par is not None and not par.is_driver, "rank 0 drives; the others follow"
+    if cfg.n_threads:
+        torch.set_num_threads(cfg.n_threads)
+    runner = ModelRunner(loaded, cfg)
+    log.info("tensor-parallel rank %d/%d ready on %s", par.rank, par.world, loaded.device)
+    steps = 0
+    while True:
+        msg = par.receive()
+        if msg is None:  # rank 0 is shutting down
+            break
+        moves, batch = msg
+        runner.forward(moves, batch)
+        steps += 1
+    log.info("tensor-parallel rank %d stopped after %d steps", par.rank, steps)
+    return steps

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Tensor-parallel gguf-serve: N processes under torchrun, each holding 1/N of every layer.
+# Rank 0 binds the HTTP/gRPC ports, schedules and samples; ranks > 0 follow its steps.
+#
+#   scripts/launch_torchrun.sh N [gguf-serve flags...]
+#   scripts/launch_torchrun.sh 2 -m model.gguf --device cuda --port 8080
+#
+# NCCL with --device cuda (rank r on GPU -mg + r), gloo on the CPU. Extra torchrun flags
+# (multi-node: --nnodes, --rdzv-endpoint, ...) replace the default --standalone through
+# $TORCHRUN_ARGS; $PYTHON picks the interpreter.
+set -euo pipefail
+
+if [[ $# -lt 1 || ! $1 =~ ^[1-9][0-9]*$ ]]; then
+    echo "usage: $0 NPROC [gguf-serve flags...]" >&2
+    exit 2
+fi
+nproc=$1
+shift
+# shellcheck disable=SC2086  # TORCHRUN_ARGS is a list of flags
+exec "${PYTHON:-python3}" -m torch.distributed.run ${TORCHRUN_ARGS:---standalone} --nproc-per-node "$nproc" \
+    -m http_api.server "$@"

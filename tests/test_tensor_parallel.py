@@ -1,0 +1,272 @@
+"""Tensor parallelism: the sharding math, its clear errors, and 2 gloo processes generating what 1 process does."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+
+from runtime.config import EngineConfig
+from runtime.engine import Engine
+from runtime.gguf.quants import dequantize, quant_type
+from runtime.layers.linear import QuantWeight
+from runtime.loader import load_model
+from runtime.parallel import Cut, Shard, TensorParallelError, slice_weight, tensor_split
+from runtime.sampling_params import SamplingParams
+from scripts.make_tiny_gguf import write_tiny_gguf
+from tests.tp_harness import spawn
+
+N_PREDICT = 16
+
+
+def _cfg(tmp_path, arch="llama", **kw):
+    return load_model(write_tiny_gguf(tmp_path / f"{arch}.gguf", arch, "F32", **kw)).config
+
+
+# -- sharding math ----------------------------------------------------------------------
+
+
+def test_heads_and_mlp_split_evenly(tmp_path):
+    cfg = _cfg(tmp_path, n_heads=8, n_kv_heads=4, ffn=512)
+    shards = [Shard.of(cfg, r, 2) for r in range(2)]
+    assert [s.q_heads for s in shards] == [(0, 4), (4, 8)]
+    assert [s.kv_heads for s in shards] == [(0, 2), (2, 4)]
+    assert [s.ffn for s in shards] == [(0, 256), (256, 512)]
+    local = shards[1].config(cfg)
+    assert (local.n_heads, local.n_kv_heads, local.ffn, local.hidden) == (4, 2, 256, cfg.hidden)
+    hd = cfg.head_dim
+    assert shards[1].cut("blk.3.attn_q.weight", cfg) == Cut(0, 4 * hd, 8 * hd, 8 * hd)
+    assert shards[1].cut("blk.0.attn_k.bias", cfg) == Cut(0, 2 * hd, 4 * hd, 4 * hd)
+    assert shards[1].cut("blk.0.attn_output.weight", cfg) == Cut(1, 4 * hd, 8 * hd, 8 * hd)
+    assert shards[1].cut("blk.0.ffn_down.weight", cfg) == Cut(1, 256, 512, 512)
+    assert shards[1].cut("blk.0.ffn_up.weight", cfg) == Cut(0, 256, 512, 512)
+    for replicated in (
+        "blk.0.attn_norm.weight",
+        "blk.0.attn_q_norm.weight",
+        "token_embd.weight",
+        "output.weight",
+    ):
+        assert shards[1].cut(replicated, cfg) is None
+
+
+def test_kv_heads_are_replicated_beyond_their_count(tmp_path):
+    """vLLM's rule: with more ranks than KV heads, each rank keeps the KV head its queries read."""
+    cfg = _cfg(tmp_path, n_heads=4, n_kv_heads=2)
+    assert [Shard.of(cfg, r, 4).kv_heads for r in range(4)] == [(0, 1), (0, 1), (1, 2), (1, 2)]
+    one = _cfg(tmp_path, "gemma3", n_heads=4, n_kv_heads=1)
+    assert [Shard.of(one, r, 2).kv_heads for r in range(2)] == [(0, 1), (0, 1)]
+    assert Shard.of(one, 1, 2).config(one).n_kv_heads == 1
+
+
+@pytest.mark.parametrize(
+    "kw, world, message",
+    [
+        (
+            dict(n_heads=4, n_kv_heads=2),
+            3,
+            "4 attention heads cannot be split evenly across 3 ranks",
+        ),
+        (
+            dict(n_heads=12, n_kv_heads=3, head_dim=32, hidden=384),
+            2,
+            "3 KV heads cannot be split across 2 ranks",
+        ),
+        (dict(ffn=518), 4, "feed_forward_length 518 cannot be split evenly across 4 ranks"),
+    ],
+)
+def test_unsplittable_models_are_refused(tmp_path, kw, world, message):
+    with pytest.raises(TensorParallelError, match=message):
+        Shard.of(_cfg(tmp_path, **kw), 0, world)
+
+
+def test_dense_shards_put_back_together():
+    w = torch.randn(8, 12)
+    rows = [slice_weight("x", w, Cut(0, r * 4, r * 4 + 4, 8)) for r in range(2)]
+    cols = [slice_weight("x", w, Cut(1, r * 6, r * 6 + 6, 12)) for r in range(2)]
+    assert torch.equal(torch.cat(rows, 0), w) and torch.equal(torch.cat(cols, 1), w)
+    assert all(c.is_contiguous() for c in cols)
+
+
+@pytest.mark.parametrize("qtype, k, world", [("Q8_0", 256, 8), ("Q4_K", 512, 2)])
+def test_quantized_shards_are_whole_blocks(qtype, k, world):
+    qt = quant_type(GGMLQuantizationType[qtype])
+    n = 4
+    raw = torch.randint(0, 256, (n, k // qt.block_size * qt.type_size), dtype=torch.uint8)
+    if qtype == "Q4_K":  # keep the f16 scales finite: zero the two leading d/dmin halves' high bits
+        raw.view(n, -1, qt.type_size)[..., 1] &= 0x3B
+        raw.view(n, -1, qt.type_size)[..., 3] &= 0x3B
+    else:
+        raw.view(n, -1, qt.type_size)[..., 1] &= 0x3B
+    w = QuantWeight(raw, int(qt.qtype), (n, k))
+    whole = dequantize(raw.numpy(), qt.qtype, (n, k))
+    step = k // world
+    for r in range(world):
+        part = slice_weight("x", w, Cut(1, r * step, (r + 1) * step, k))
+        assert isinstance(part, QuantWeight) and part.shape == (n, step)
+        torch.testing.assert_close(
+            dequantize(part.data.numpy(), qt.qtype, (n, step)), whole[:, r * step : (r + 1) * step]
+        )
+    rows = slice_weight("x", w, Cut(0, 2, 4, n))
+    assert isinstance(rows, QuantWeight) and torch.equal(rows.data, raw[2:4])
+
+
+def test_a_split_inside_a_block_is_refused():
+    qt = quant_type(GGMLQuantizationType.Q4_K)
+    w = QuantWeight(
+        torch.zeros(2, 512 // 256 * qt.type_size, dtype=torch.uint8), int(qt.qtype), (2, 512)
+    )
+    with pytest.raises(
+        TensorParallelError,
+        match=r"blk.0.ffn_down.weight: .*Q4_K rows of 512 values cannot be split on whole 256-value blocks across 4 ranks",
+    ):
+        slice_weight("blk.0.ffn_down.weight", w, Cut(1, 128, 256, 512))
+
+
+@pytest.mark.parametrize("spec, world", [("1,1", 2), ("1/1/1/1", 4), ("1", 1)])
+def test_even_tensor_split_is_accepted(spec, world):
+    tensor_split(spec, world)
+
+
+@pytest.mark.parametrize(
+    "spec, world, message",
+    [
+        ("3,1", 2, "only an even split"),
+        ("1,1", 1, "names 2 devices but 1 process run: launch with torchrun --nproc-per-node 2"),
+        ("1,1,1", 2, "names 3 devices but 2 processes"),
+        ("a,b", 2, "expected numbers"),
+    ],
+)
+def test_other_tensor_splits_are_refused(spec, world, message):
+    with pytest.raises(TensorParallelError, match=message):
+        tensor_split(spec, world)
+
+
+# -- 2 processes (gloo) generate what 1 process does ------------------------------------
+
+
+def _prompts(vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[1] + [rng.randrange(3, vocab) for _ in range(n)] for n in (5, 23, 40)]
+
+
+def _one_process(path, prompts) -> list[list[int]]:
+    engine = Engine(EngineConfig(model_path=str(path), n_ctx=1024), load_model(path))
+    return engine.generate(
+        prompts, SamplingParams(temperature=0.0, n_predict=N_PREDICT, ignore_eos=True)
+    )
+
+
+def _two_processes(path, prompts) -> dict:
+    out = spawn([str(path), json.dumps(prompts), str(N_PREDICT)], world=2)
+    assert out[1] == ""  # rank 1 follows; only rank 0 answers
+    return json.loads(out[0])
+
+
+@pytest.mark.parametrize(
+    "arch, qtype, kw",
+    [
+        ("llama", "Q4_0", {}),
+        ("qwen2", "Q8_0", {}),  # q/k/v biases
+        ("qwen3", "Q4_K", {}),  # q_norm/k_norm, K-quant blocks of 256
+        ("gemma3", "Q4_K", dict(n_kv_heads=1)),  # one KV head, replicated on both ranks
+    ],
+)
+def test_two_processes_generate_what_one_does(tmp_path, arch, qtype, kw):
+    path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch, qtype, **kw)
+    prompts = _prompts(512)
+    expected = _one_process(path, prompts)
+    out = _two_processes(path, prompts)
+    cfg = load_model(path).config
+    assert out["shard"] == {
+        "n_heads": cfg.n_heads // 2,
+        "n_kv_heads": max(1, cfg.n_kv_heads // 2),
+        "ffn": cfg.ffn // 2,
+    }
+    got = out["ids"]
+    assert got == expected
+    assert all(len(ids) == N_PREDICT for ids in got)
+
+
+def test_two_processes_on_the_default_model(default_model_path):
+    loaded = load_model(default_model_path)
+    tok = loaded.tokenizer
+    texts = [
+        "The capital of France is",
+        "def fibonacci(n):",
+        "Once upon a time, in a small village,",
+    ]
+    prompts = [tok.encode(t) for t in texts]
+    engine = Engine(EngineConfig(model_path=str(default_model_path), n_ctx=1024), loaded)
+    expected = engine.generate(
+        prompts, SamplingParams(temperature=0.0, n_predict=N_PREDICT, ignore_eos=True)
+    )
+    assert _two_processes(default_model_path, prompts)["ids"] == expected
+
+
+# -- the server under torchrun -----------------------------------------------------------
+
+
+def test_tensor_split_without_torchrun_is_refused(tmp_path, monkeypatch, capsys):
+    from http_api.server import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    path = write_tiny_gguf(tmp_path / "llama.gguf", "llama", "Q8_0")
+    assert main(["-m", str(path), "-ts", "1,1", "--log-disable"]) == 1
+    err = capsys.readouterr().err
+    assert "names 2 devices but 1 process run: launch with torchrun --nproc-per-node 2" in err
+
+
+def test_launch_torchrun_serves_from_rank_0(tmp_path):
+    """scripts/launch_torchrun.sh 2: rank 0 alone binds the port and answers what 1 process does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tests.tp_harness import ROOT, free_port
+
+    path = write_tiny_gguf(tmp_path / "llama.gguf", "llama", "Q8_0")
+    prompt = _prompts(512)[1]
+    expected = _one_process(path, [prompt])[0]
+    port = free_port()
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    argv = ["bash", "scripts/launch_torchrun.sh", "2", "-m", str(path), "--port", str(port)]
+    proc = subprocess.Popen(
+        [*argv, "-t", "1", "-ts", "1,1"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.5)
+        body = {"prompt": prompt, "n_predict": N_PREDICT, "temperature": 0, "ignore_eos": True}
+        r = httpx.post(f"{url}/completion", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["tokens"] == expected
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert "tensor-parallel rank 1/2 ready" in out

@@ -1,0 +1,100 @@
+"""One rank of a tensor-parallel test run: rank 0 generates greedily and prints the ids as JSON, the others follow.
+
+Run as `python -m tests.tp_harness MODEL PROMPTS_JSON N_PREDICT` with RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT set (as torchrun sets them); tests spawn one per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn(
+    args: list[str], world: int, timeout: float = 300, module: str = "tests.tp_harness"
+) -> list[str]:
+    """Run `python -m module *args` as `world` ranks on 127.0.0.1; each rank's stdout, in rank order."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+        env.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            PYTHONPATH=str(ROOT),
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", module, *args],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    deadline = time.monotonic() + timeout
+    outs = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        if p.returncode:
+            for q in procs:
+                q.kill()
+            raise RuntimeError(f"rank exited with {p.returncode}:\n{err[-4000:]}")
+        outs.append(out)
+    return outs
+
+
+def main(argv: list[str]) -> int:
+    import torch.distributed as dist
+
+    from runtime import parallel
+    from runtime.config import EngineConfig
+    from runtime.engine import Engine
+    from runtime.loader import load_model
+    from runtime.sampling_params import SamplingParams
+    from runtime.tp_worker import run_worker
+
+    model, prompts, n_predict = argv[0], json.loads(argv[1]), int(argv[2])
+    par = parallel.from_env("cpu")
+    cfg = EngineConfig(model_path=model, n_ctx=1024, n_threads=1)
+    loaded = load_model(model, parallel=par)
+    if par is not None and not par.is_driver:
+        run_worker(loaded, cfg)
+    else:
+        engine = Engine(cfg, loaded)
+        t0 = time.perf_counter()
+        ids = engine.generate(
+            prompts, SamplingParams(temperature=0.0, n_predict=n_predict, ignore_eos=True)
+        )
+        seconds = time.perf_counter() - t0
+        engine.runner.close()
+        local = loaded.model.cfg
+        shard = {"n_heads": local.n_heads, "n_kv_heads": local.n_kv_heads, "ffn": local.ffn}
+        print(json.dumps({"ids": ids, "seconds": seconds, "shard": shard}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
