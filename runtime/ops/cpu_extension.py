@@ -30,10 +30,12 @@ class KernelBuildError(GGUFServeError):
 
 
 def build_dir() -> Path:
-    """Where the compiled module lives: keyed by the sources and torch version, so edits rebuild."""
+    """Where the compiled module lives: keyed by the sources, their folder and torch's version."""
     import torch
 
     h = hashlib.sha256(torch.__version__.encode())
+    # cpp_extension rebuilds when the sources' paths change: two checkouts, two folders
+    h.update(str(CSRC).encode())
     for name in SOURCES:
         h.update((CSRC / name).read_bytes())
     return cache_dir() / "ops" / h.hexdigest()[:16]
