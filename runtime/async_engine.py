@@ -12,7 +12,7 @@ from functools import partial
 from typing import Any
 
 from runtime.engine import Engine, EngineStats
-from runtime.errors import EngineError
+from runtime.errors import EngineError, ShuttingDownError
 from runtime.grammar import GrammarCache
 from runtime.request import RequestOutput
 from runtime.sampling_params import SamplingParams
@@ -50,7 +50,7 @@ class AsyncEngine:
             self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the loop after its current step; requests still in flight end with an EngineError."""
+        """Stop the loop after its current step; requests still in flight end with a ShuttingDownError."""
         self._running = False
         self._wake.set()
         if self._thread is not None:
@@ -58,7 +58,7 @@ class AsyncEngine:
             self._thread = None
         self.engine.runner.close()  # tensor-parallel ranks leave their loop
         for rid in list(self._streams):
-            self._fail(rid, EngineError("the server is shutting down"))
+            self._fail(rid, ShuttingDownError("the server is shutting down"))
 
     @property
     def is_running(self) -> bool:
@@ -174,8 +174,8 @@ class AsyncEngine:
         self._submit(do)
 
     def abort_all(self, reason: str) -> None:
-        """Abort every request; their streams end with an EngineError saying `reason`."""
-        self._submit(lambda: self._fail_all(EngineError(reason)))
+        """The server stops: abort every request; their streams end with a ShuttingDownError."""
+        self._submit(lambda: self._fail_all(ShuttingDownError(reason)))
 
     @property
     def in_flight(self) -> int:
