@@ -224,8 +224,9 @@ def dense(w: Weight) -> torch.Tensor:
 
 
 def _to(w: Weight, device: torch.device) -> Weight:
+    """w on `device`: w itself when it is there already (a tied head shares the table's bytes)."""
     if isinstance(w, QuantWeight):
-        return QuantWeight(w.data.to(device), w.qtype, w.shape)
+        return w if w.data.device == device else QuantWeight(w.data.to(device), w.qtype, w.shape)
     return w.to(device)
 
 
