@@ -48,15 +48,23 @@ class Gate:
             return await self.app(scope, receive, send)
         path: str = scope["path"]
         try:
-            page = self.pages is not None and self.pages.serves(scope)
-            if (self.state.status != "ready" or self.state.draining) and path not in WHILE_LOADING and not page:
+            waiting = self.state.status != "ready" or self.state.draining
+            if waiting and path not in WHILE_LOADING and not self._page(scope):
                 self.state.require()
-            if self.keys and path not in PUBLIC_PATHS and not page and not self._authorized(scope):
+            if (
+                self.keys
+                and path not in PUBLIC_PATHS
+                and not self._authorized(scope)
+                and not self._page(scope)
+            ):
                 raise APIError(401, "Invalid API Key")
             body = await self._read_body(scope, receive)
         except (APIError, ShuttingDownError) as e:
             return await error_response(e)(scope, receive, send)
         await self.app(scope, _replay(body, receive), send)
+
+    def _page(self, scope: Scope) -> bool:
+        return self.pages is not None and self.pages.serves(scope)
 
     def _authorized(self, scope: Scope) -> bool:
         headers = dict(scope["headers"])

@@ -148,16 +148,19 @@ def _completion_fields() -> dict[str, Schema]:
 COMPLETION = _object(
     {**_completion_fields(), "prompt": PROMPT, "system_prompt": STRING}, required=("prompt",)
 )
-INFILL = _object({
-    **_completion_fields(),
-    "input_prefix": STRING,
-    "input_suffix": STRING,
-    "prompt": STRING,
-    "input_extra": {
-        "type": "array",
-        "items": _object({"filename": STRING, "text": STRING}, required=("text",)),
+INFILL = _object(
+    {
+        **_completion_fields(),
+        "input_prefix": {"anyOf": [STRING, MIXED]},
+        "input_suffix": {"anyOf": [STRING, MIXED]},
+        "prompt": STRING,
+        "input_extra": {
+            "type": "array",
+            "items": _object({"filename": STRING, "text": STRING}, required=("text",)),
+        },
     },
-})  # fmt: skip
+    required=("input_prefix", "input_suffix"),
+)
 _OPENAI = {
     "model": STRING,
     "max_tokens": INTEGER,

@@ -169,6 +169,9 @@ class SamplingParams:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise bad(name, "must be an integer")
+            # Counts reach the sampler's int64 tensors; the seed alone is unsigned (checked below).
+            if name != "seed" and not -(2**63) <= v < 2**63:
+                raise bad(name, "must fit in a signed 64-bit integer")
         for name in ("penalize_nl", "ignore_eos"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
@@ -197,9 +200,11 @@ class SamplingParams:
         if not -1 <= self.seed < 2**64:
             raise bad("seed", "must be -1 (random) or in [0, 2^64)")
         if self.n_keep is not None and (
-            isinstance(self.n_keep, bool) or not isinstance(self.n_keep, int) or self.n_keep < -1
+            isinstance(self.n_keep, bool)
+            or not isinstance(self.n_keep, int)
+            or not -1 <= self.n_keep < 2**63
         ):
-            raise bad("n_keep", "must be an integer >= -1")
+            raise bad("n_keep", "must be an integer >= -1 (64-bit)")
         put("samplers", parse_samplers(self.samplers))
         put("stop", self._strings("stop", allow_empty=True))
         put("dry_sequence_breakers", self._strings("dry_sequence_breakers", allow_empty=False))

@@ -74,7 +74,8 @@ def test_wrong_types_are_400(client, body):
 @pytest.mark.parametrize(
     "field,value",
     [("top_p", 2), ("min_p", -1), ("mirostat", 3), ("n_probs", 1000), ("n_predict", -5), ("repeat_penalty", 0),
-     ("dry_base", 0.5), ("typical_p", 1.5), ("xtc_threshold", -0.1), ("repeat_last_n", -2), ("n_keep", -2)],
+     ("dry_base", 0.5), ("typical_p", 1.5), ("xtc_threshold", -0.1), ("repeat_last_n", -2), ("n_keep", -2),
+     ("min_keep", 2**63), ("top_k", 2**63), ("n_discard", 2**63)],  # 64-bit: the fuzz's min_keep was a 500
 )  # fmt: skip
 def test_out_of_range_values_are_400_naming_the_field(client, field, value):
     message = assert_error(client.post("/completion", json={"prompt": "x", field: value}), 400)

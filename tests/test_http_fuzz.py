@@ -1,5 +1,6 @@
 """Schema-driven fuzzing of every HTTP route (schemathesis over /openapi.json): never a 5xx, the server healthy after."""
 
+import json
 from dataclasses import fields
 from typing import Any
 
@@ -81,6 +82,15 @@ def integral(case: Any) -> Any:
     return case
 
 
+def stream_errors(response: Any) -> list[dict[str, Any]]:
+    """The `data: {"error": ...}` events of an SSE answer: its 5xx after the 200 went out."""
+    if "text/event-stream" not in response.headers.get("content-type", ""):
+        return []
+    events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    parsed = [json.loads(e) for e in events if e != "[DONE]"]
+    return [e["error"] for e in parsed if isinstance(e, dict) and "error" in e]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method,path", OPERATIONS)
 def test_no_route_answers_a_5xx(method, path, api_schema, server):
@@ -103,9 +113,10 @@ def test_no_route_answers_a_5xx(method, path, api_schema, server):
         if (method, path) in NOT_IMPLEMENTED:
             assert response.status_code == 501, response.text
             return
-        assert response.status_code < 500, (
-            f"{method} {case.formatted_path} {case.body!r:.300}: {response.text[:300]}"
-        )
+        where = f"{method} {case.formatted_path} {case.body!r:.300}"
+        assert response.status_code < 500, f"{where}: {response.text[:300]}"
+        late = [e for e in stream_errors(response) if e.get("code", 500) >= 500]
+        assert not late, f"{where}: an error event in the stream: {late}"
 
     check()
     assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ok"

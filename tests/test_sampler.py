@@ -270,6 +270,15 @@ def test_dry_breakers_from_token_texts():
     assert dry_penalties(RepeatTracker([7, 5, 9, 8, 7, 5]), 4, got, 1.0, 2.0, 2) == {}  # dry_penalty_last_n: the window
 
 
+def test_dry_penalty_past_double_range_is_infinite_not_an_error():
+    """A dry_base beyond log(FLT_MAX) leaves no exponent cap, and Python's ** raises where C's
+    pow() gives inf: the HTTP fuzz found that failing a whole engine step."""
+    history = RepeatTracker([7, 5, 9, 8, 7, 5])
+    # 9 would extend "7 5" (repeat length 2): base ** 2; the rest repeat length 1: base ** 0.
+    assert dry_penalties(history, -1, {}, 1.0, 1e308, 0) == {5: 1.0, 7: 1.0, 8: 1.0, 9: math.inf}
+    assert dry_penalties(history, -1, {}, 1.0, 2.0, 0) == {5: 1.0, 7: 1.0, 8: 1.0, 9: 4.0}
+
+
 def test_dry_repeat_lengths_incremental_equal_one_shot():
     g = torch.Generator().manual_seed(0)
     seq = (torch.randint(0, 3, (60,), generator=g).tolist() + [1, 2] * 20) * 2

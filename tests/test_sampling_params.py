@@ -81,6 +81,20 @@ def test_logit_bias_wire_forms():
     assert p.logit_bias == ((7, -100.0),)
 
 
+INT_FIELDS = ("top_k", "repeat_last_n", "mirostat", "n_probs", "min_keep", "dry_allowed_length",
+              "dry_penalty_last_n", "n_predict", "n_discard", "n_keep")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", INT_FIELDS)
+def test_integers_past_64_bits_are_refused(name):
+    """min_keep = 2**63 passed validation and then overflowed torch.tensor in the sampler, failing
+    the whole engine step (found by the HTTP fuzz); every count is a signed 64-bit integer."""
+    with pytest.raises(InvalidRequestError, match=name):
+        SamplingParams(**{name: 2**63})
+    with pytest.raises(InvalidRequestError, match=name):
+        SamplingParams(**{name: -(2**63) - 1})
+
+
 @pytest.mark.parametrize("key", ["\u00b9", "--5", "\u0663", "5\u00b2", " 5"])
 def test_logit_bias_keys_that_only_look_numeric_are_text(key):
     """Only ASCII digits make a token id: str.isdigit() also takes '¹' (found by the HTTP fuzz:

@@ -142,5 +142,14 @@ def dry_penalties(
         e = length - allowed_length
         if max_exp > 0 and e > max_exp:
             e = max_exp
-        out[tok] = multiplier * base**e
+        out[tok] = multiplier * _pow(base, e)
     return out
+
+
+def _pow(base: float, e: int) -> float:
+    """base ** e as C's pow() gives it: inf past the double range (Python's ** raises there, and
+    a base beyond log(FLT_MAX) leaves max_exp 0, no cap)."""
+    try:
+        return base**e
+    except OverflowError:
+        return math.inf
