@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import fields, replace
 from typing import Any
@@ -16,6 +17,8 @@ from runtime.tokenizer import Tokenizer
 _SAME_NAME = frozenset(f.name for f in fields(SamplingParams)) - {
     "logit_bias", "stop", "n_predict", "penalty_prompt_tokens",
 }  # fmt: skip
+# A \uD800-\uDFFF escape in the raw bytes: only then can a string hold a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _PROMPT_SHAPES = '"prompt" must be a string, a list of tokens, a list of mixed strings & tokens, or a list of prompts'
 
 
@@ -29,7 +32,30 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         raise bad_request(f"Failed to parse JSON: {e}") from None
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, not {type(body).__name__}")
+    if _SURROGATE_ESCAPE.search(raw):
+        _no_lone_surrogates(body)
     return body
+
+
+def _no_lone_surrogates(body: dict[str, Any]) -> None:
+    # json.loads keeps an unpaired \ud800 as a surrogate code point, which no UTF-8 encode
+    # (tokenizer, grammar, response) accepts; llama.cpp's parser refuses such a string too.
+    stack: list[Any] = [body]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise bad_request(
+                    f"Failed to parse JSON: invalid string: lone UTF-16 surrogate "
+                    f"U+{ord(value[e.start]):04X} (a \\u escape needs its pair)"
+                ) from None
 
 
 def _no_constants(name: str) -> Any:

@@ -53,6 +53,29 @@ def test_malformed_json_is_400(client, raw, path):
     assert_error(r, 400)
 
 
+# A lone UTF-16 surrogate escape is no character: it could not be encoded as UTF-8 later (a 500
+# once, found by tests/test_http_fuzz.py); llama.cpp's JSON parser refuses it, and so do we.
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"prompt": "a", "stop": ["\\udfff"], "n_predict": 1}', b'{"prompt": "\\ud800", "n_predict": 1}',
+     b'{"prompt": "a", "n_predict": 1, "\\uDBFF": 1}', b'{"messages": [{"role": "user", "content": "x\\ud83d"}]}',
+     b'{"content": "\\ud83d\\u0041"}', b'{"input": ["ok", {"deep": ["\\udc00"]}]}'],
+)  # fmt: skip
+@pytest.mark.parametrize("path", ["/completion", "/v1/chat/completions", "/tokenize", "/apply-template"])
+def test_lone_surrogate_escapes_are_400(client, raw, path):
+    r = client.post(path, content=raw, headers={"content-type": "application/json"})
+    assert "surrogate" in assert_error(r, 400)
+
+
+def test_an_escaped_surrogate_pair_is_one_character(client):
+    raw = b'{"content": "\\ud83d\\ude00", "with_pieces": true}'  # U+1F600, as ensure_ascii JSON sends it
+    r = client.post("/tokenize", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    pieces = [t["piece"] for t in r.json()["tokens"]]  # bytes (a list) where not whole UTF-8
+    text = b"".join(bytes(p) if isinstance(p, list) else p.encode() for p in pieces)
+    assert text.decode() == "\U0001f600"
+
+
 @pytest.mark.parametrize(
     "body",
     [
