@@ -133,3 +133,23 @@ def test_ninja_is_found_next_to_the_interpreter(monkeypatch, tmp_path):
     assert shutil.which("ninja") is None
     _find_ninja()
     assert shutil.which("ninja") == str(Path(sys.executable).parent / "ninja")
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_start(tmp_path):
+    """cpp_extension waits forever on its lock file; a build killed mid-way leaves it behind."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from runtime.ops.cpu_extension import build_dir
+
+    lock = build_dir() / "lock"
+    lock.touch()  # as a killed builder leaves it
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, "-m", "runtime.ops.cpu_extension"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "left by a kernel build that was killed" in r.stderr
+    assert not lock.exists()

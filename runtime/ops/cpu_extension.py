@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
@@ -58,14 +59,23 @@ def load(verbose: bool = False) -> ModuleType:
     out.mkdir(parents=True, exist_ok=True)
     _find_ninja()
     try:
-        module: ModuleType = cpp_extension.load(
-            name="gguf_serve_quant_cpu",
-            sources=[str(CSRC / name) for name in COMPILED],
-            extra_cflags=CFLAGS,
-            extra_ldflags=["-pthread"],
-            build_directory=str(out),
-            verbose=verbose,
-        )
+        # One builder at a time, by an flock the OS releases if its holder dies. cpp_extension's
+        # own lock is a file that a builder killed mid-build leaves behind, on which every later
+        # start would wait forever; holding the flock, no builder is alive, so it is stale.
+        with open(out / "build.flock", "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            stale = out / "lock"
+            if stale.exists():
+                log.warning("removing %s, left by a kernel build that was killed", stale)
+                stale.unlink()
+            module: ModuleType = cpp_extension.load(
+                name="gguf_serve_quant_cpu",
+                sources=[str(CSRC / name) for name in COMPILED],
+                extra_cflags=CFLAGS,
+                extra_ldflags=["-pthread"],
+                build_directory=str(out),
+                verbose=verbose,
+            )
     except (OSError, RuntimeError, ImportError) as e:  # compiler missing, ninja missing, build failed
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise KernelBuildError(
