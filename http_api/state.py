@@ -16,6 +16,7 @@ from http_api.errors import APIError
 from runtime.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from grpc_api.server import GrpcServer
     from runtime.async_engine import AsyncEngine
     from runtime.chat_template import ChatTemplate
     from runtime.config import EngineConfig
@@ -92,19 +93,10 @@ def engine_config(settings: ServerSettings) -> EngineConfig:
 def _load(settings: ServerSettings) -> tuple[EngineConfig, LoadedModel]:
     """Read the model (this rank's shard under torchrun) and settle the engine's settings."""
     from runtime import parallel
-    from runtime.loader import load_model
+    from runtime.loader import load_for
 
     cfg = engine_config(settings)
-    loaded = load_model(
-        cfg.model_path,
-        cfg.torch_dtype,
-        cfg.device,
-        cfg.weights,
-        cfg.use_mmap,
-        cfg.mlock,
-        parallel.joined(),
-        cfg.n_gpu_layers,
-    )
+    loaded = load_for(cfg, parallel.joined())
     if settings.n_ctx == 0:  # llama.cpp's -c 0: the model's training context
         cfg = replace(cfg, n_ctx=loaded.config.context_length)
     return cfg, loaded
@@ -138,7 +130,7 @@ class ServerState:
     totals: RequestTotals = field(default_factory=RequestTotals)
     started: float = field(default_factory=time.time)
     draining: bool = False  # SIGTERM came: in-flight work finishes, new work is refused
-    grpc: Any = None  # the GrpcServer beside HTTP, when --grpc-port is set
+    grpc: GrpcServer | None = None  # the gRPC server beside HTTP, when --grpc-port is set
     _thread: threading.Thread | None = None
 
     @cached_property

@@ -13,7 +13,7 @@ from runtime.block_manager import BlockManager
 from runtime.config import EngineConfig
 from runtime.errors import InvalidRequestError, NotSupportedError, QueueFullError
 from runtime.grammar import GrammarCache
-from runtime.loader import LoadedModel, load_model
+from runtime.loader import LoadedModel, load_for
 from runtime.model_runner import ModelRunner
 from runtime.pooling import Pooling
 from runtime.request import Request, RequestOutput, Status
@@ -53,15 +53,7 @@ class Engine:
         self.cfg = cfg
         if cfg.n_threads:
             torch.set_num_threads(cfg.n_threads)
-        self.loaded = loaded or load_model(
-            cfg.model_path,
-            cfg.torch_dtype,
-            cfg.device,
-            cfg.weights,
-            cfg.use_mmap,
-            cfg.mlock,
-            n_gpu_layers=cfg.n_gpu_layers,
-        )
+        self.loaded = loaded or load_for(cfg)
         self.tokenizer = self.loaded.tokenizer
         self.sampler_vocab = SamplerVocab.from_tokenizer(self.tokenizer)
         self.grammars = GrammarCache(self.tokenizer)  # compiled grammars and schemas, by text

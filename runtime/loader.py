@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.config import WEIGHTS, ModelConfig
+from runtime.config import WEIGHTS, EngineConfig, ModelConfig
 from runtime.device_map import DeviceMap, check_device
 from runtime.errors import GGUFError, NotSupportedError
 from runtime.gguf.quants import dequantize, quant_type
@@ -145,6 +145,13 @@ def load_model(
             log.info("--mlock: %.0f MB locked in memory", locked_bytes() / 1e6)
     return LoadedModel(
         Path(path), f, cfg, model, tokenizer, dtype, dev, time.perf_counter() - t0, weights, resident, parallel
+    )
+
+
+def load_for(cfg: EngineConfig, parallel: Parallel | None = None) -> LoadedModel:
+    """load_model with an engine's settings (its path, dtype, device, weights, mmap, mlock, -ngl)."""
+    return load_model(
+        cfg.model_path, cfg.torch_dtype, cfg.device, cfg.weights, cfg.use_mmap, cfg.mlock, parallel, cfg.n_gpu_layers
     )
 
 
