@@ -130,8 +130,9 @@ def sample(
     for plan, idx in groups.items():
         whole = len(idx) == n
         xg = x if whole else x[idx]
-        owned = not whole or x is not logits
-        for i, t in zip(idx, _run_chain(xg, plan, [rows[i].state for i in idx], owned)):
+        # a chain may write into its rows unless they are the caller's logits, still needed
+        writable = not whole or x is not logits or in_place
+        for i, t in zip(idx, _run_chain(xg, plan, [rows[i].state for i in idx], writable)):
             ids[i] = int(t)
     return ids, _logprobs(logits, rows, ids)
 
