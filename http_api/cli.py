@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +194,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
         raise UsageError(f"--slot-save-path: not a directory: {a.slot_save_path!r}")
     if a.path is not None and not Path(a.path).is_dir():
         raise UsageError(f"--path: no such directory: {a.path}")
+    if not math.isfinite(a.shutdown_timeout):  # nan would end the drain at once, inf never
+        raise UsageError(f"--shutdown-timeout must be a number of seconds, got {a.shutdown_timeout}")
     if a.tensor_split is not None:
         _check_tensor_split(a.tensor_split)
     device = a.device

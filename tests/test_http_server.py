@@ -73,7 +73,7 @@ def test_flags_map_to_settings(tmp_path, llama3_tiny_path):
      (["--lora", "a.gguf"], "lora"), (["--lora-base", "a"], "lora-base"), (["--mmproj", "p.gguf"], "mmproj"),
      (["-hf", "org/repo"], "download"), (["-hff", "f.gguf"], "download"), (["-mu", "http://x/m.gguf"], "download"),
      (["--slot-save-path", __file__], "slot-save-path"), (["--grp-attn-n", "2"], "grp-attn"), (["-gaw", "512"], "grp-attn"),
-     (["-nocb"], "continuous batching"), (["-ts", "3,1"], "tensor-split .* only an even split"), (["-ts", "x"], "tensor-split"),
+     (["-nocb"], "continuous batching"), (["--shutdown-timeout", "nan"], "shutdown-timeout"), (["-ts", "3,1"], "tensor-split .* only an even split"), (["-ts", "x"], "tensor-split"),
      (["--numa", "distribute"], "numa"), (["-spf", "x.json"], "system-prompt"),
      (["-m", "/no/such/model.gguf"], "no such file"), (["--chat-template", "nonsense"], "unknown template"),
      (["--ssl-key-file", "k.pem"], "ssl"), (["-np", "0"], "parallel"), (["--path", "/no/such/dir"], "--path")],
