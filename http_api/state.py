@@ -83,6 +83,7 @@ def engine_config(settings: ServerSettings) -> EngineConfig:
         use_mmap=settings.use_mmap,
         mlock=settings.mlock,
         gemm_dtype=settings.gemm_dtype,
+        head_dtype=settings.head_dtype,
         embeddings=settings.embedding,
         pooling=settings.pooling,
         max_queue=settings.max_queue,

@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from runtime.config import DTYPES, GEMM_DTYPES, WEIGHTS, EngineConfig
+from runtime.config import DTYPES, GEMM_DTYPES, HEAD_DTYPES, WEIGHTS, EngineConfig
 from runtime.errors import GGUFServeError
 from runtime.sampling_params import SamplingParams
 
@@ -30,6 +30,10 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--gemm-dtype", choices=GEMM_DTYPES, default="bfloat16",
         help="prompt GEMMs of --weights quant on the CPU: on the bfloat16 units at ~float32 accuracy (default) or IEEE",
+    )  # fmt: skip
+    p.add_argument(
+        "--head-dtype", choices=HEAD_DTYPES, default="auto",
+        help="the output head's products: bfloat16 operands with float32 sums (auto: for a quantized head on the CPU) or float32",
     )  # fmt: skip
     p.add_argument(
         "--weights", choices=WEIGHTS, default="quant",
@@ -57,6 +61,7 @@ def _run(args: argparse.Namespace) -> int:
         n_threads_batch=args.threads_batch,
         weights=args.weights,
         gemm_dtype=args.gemm_dtype,
+        head_dtype=args.head_dtype,
     )
     params = SamplingParams(
         temperature=args.temp,

@@ -47,6 +47,7 @@ class ModelRunner:
         # since each of its parallel regions waits for every thread (slow on a busy machine).
         self.kernel_threads = loaded.weights == "quant" and self.device.type == "cpu"
         self.gemm_dtype = cfg.gemm_dtype  # the kernels' prompt GEMMs: IEEE or on the bfloat16 units
+        self.head_dtype = self.model.set_head_dtype(cfg.head_dtype)  # "auto" resolved
 
     def _gemm_precision(self) -> AbstractContextManager[None]:
         """--gemm-dtype for this forward: it only concerns the quantized CPU kernels."""

@@ -33,8 +33,8 @@ def serve(engine: Engine, prompt, clients: int, n_out: int, n_prompt: int) -> di
     """`clients` concurrent streams through AsyncEngine, as a server would run them.
 
     Each client sends one request (a fresh random prompt, so no prefix hits);
-    reports aggregate generated tok/s, mean time to first token and mean
-    inter-token latency.
+    reports aggregate generated tok/s, mean and longest time to first token and
+    mean inter-token latency.
     """
     import asyncio
 
@@ -60,6 +60,7 @@ def serve(engine: Engine, prompt, clients: int, n_out: int, n_prompt: int) -> di
         return {
             "tok_s": round(clients * n_out / wall, 1),
             "ttft_ms": round(1e3 * sum(t for t, _ in res) / clients, 1),
+            "ttft_max_ms": round(1e3 * max(t for t, _ in res), 1),
             "itl_ms": round(1e3 * sum(itl) / max(1, len(itl)), 1),
         }
 
@@ -152,6 +153,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--weights", default="quant", choices=["quant", "dense"])
     ap.add_argument("--gemm-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--head-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=1, help="parallel decode streams")
@@ -176,7 +178,7 @@ def main() -> int:
     n_ctx = max(4096, (max(args.prompt_tokens, args.prompt_tokens_served) + args.decode_tokens + 16) * most)
     cfg = EngineConfig(
         model_path=path, dtype=args.dtype, weights=args.weights, gemm_dtype=args.gemm_dtype,
-        n_threads=args.threads, n_ctx=n_ctx,
+        head_dtype=args.head_dtype, n_threads=args.threads, n_ctx=n_ctx,
         n_parallel=most, n_batch=max(2048, args.prompt_tokens),
     )
     engine = Engine(cfg)
@@ -217,6 +219,7 @@ def main() -> int:
         "dtype": args.dtype,
         "weights": args.weights,
         "gemm_dtype": args.gemm_dtype,
+        "head_dtype": engine.runner.head_dtype,
         "weight_mb": round(engine.loaded.weight_bytes / 1e6, 1),
         "file_tensor_mb": round(engine.loaded.gguf.tensor_bytes / 1e6, 1),
         "threads": args.threads,

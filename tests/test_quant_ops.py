@@ -61,6 +61,39 @@ def test_qmatmul_matches_reference(qt, isa):
         assert err < REL, f"{qt.name} t={t}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("qt", TYPES, ids=lambda q: q.name)
+def test_qmatmul_bf16_matches_reference(qt, isa):
+    """bfloat16 operands, float32 sums: only the order of the sums may differ from the reference."""
+    k = 512 if GGML_QUANT_SIZES[qt][0] == 256 else 96
+    w = weight(qt, 45, k, seed=2)
+    wr = reference.dequantize(w, int(qt), k).bfloat16().double()
+    for t in (1, 2, 5, 8, 9, 17, 64):  # the 1-8 row groups and their remainders; no GEMM path
+        x = torch.randn(t, k, generator=torch.Generator().manual_seed(t))
+        want = x.bfloat16().double() @ wr.T  # exact products of the rounded operands
+        scale = x.bfloat16().double().abs() @ wr.abs().T  # what float32 sums can lose is relative to this
+        got = ops.qmatmul_bf16(x, w, int(qt), k)
+        assert got.shape == (t, 45) and got.dtype == torch.float32
+        err = ((got - want).abs() / scale.clamp_min(1e-30)).max().item()
+        assert err < 1e-6, f"{qt.name} t={t}: error {err:.2e} of the products' magnitude"
+        # each row alone gives the same bits: a request's logits never depend on its batch
+        alone = torch.cat([ops.qmatmul_bf16(x[i : i + 1], w, int(qt), k) for i in range(t)])
+        assert torch.equal(alone, got), f"{qt.name} t={t}: a row changed with the batch"
+
+
+def test_qmatmul_bf16_rounds_both_operands(kernels):
+    """Not float32 in disguise: the result equals the rounded operands' product, not the exact one."""
+    w = weight(T.Q8_0, 64, 256, seed=4)
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(5)) * (1 + 1e-3)
+    got = ops.qmatmul_bf16(x, w, int(T.Q8_0), 256).double()
+    wf = reference.dequantize(w, int(T.Q8_0), 256).double()
+    rounded = x.bfloat16().double() @ wf.bfloat16().double().T
+    exact = x.double() @ wf.T
+    scale = exact.abs().max()
+    assert ((got - rounded).abs().max() / scale).item() < 1e-6
+    assert ((got - exact).abs().max() / scale).item() > 1e-4  # bfloat16 rounding shows
+    assert ((got - exact).abs().max() / scale).item() < 2e-2
+
+
 def test_bfloat16_gemm_keeps_float32_accuracy(kernels):
     """--gemm-dtype bfloat16: oneDNN's bf16 math mode, float32 in and out, within ~1e-6 on both paths."""
     w = weight(T.Q4_K, 64, 512)
@@ -102,6 +135,7 @@ def test_fake_kernels_and_schema(kernels):
     """torch.library's own consistency checks (schema, fake kernel, no aliasing)."""
     w = weight(T.Q8_0, 8, 64)
     torch.library.opcheck(torch.ops.gguf_serve.qmatmul, (torch.randn(2, 64), w, int(T.Q8_0), 64))
+    torch.library.opcheck(torch.ops.gguf_serve.qmatmul_bf16, (torch.randn(2, 64), w, int(T.Q8_0), 64))
     torch.library.opcheck(torch.ops.gguf_serve.dequantize, (w, int(T.Q8_0), 64))
 
 
@@ -115,6 +149,12 @@ def test_bad_input_is_an_error_not_a_crash(kernels):
         ops.qmatmul(torch.randn(2, 64), w, 99, 64)
     with pytest.raises(RuntimeError, match="do not hold"):  # rows too short: never read past them
         ops.qmatmul(torch.randn(2, 128), w, int(T.Q8_0), 128)
+    with pytest.raises(RuntimeError, match="x must be"):
+        ops.qmatmul_bf16(torch.randn(2, 32), w, int(T.Q8_0), 64)
+    with pytest.raises(RuntimeError, match="no CPU kernel"):
+        ops.qmatmul_bf16(torch.randn(2, 64), w, 99, 64)
+    with pytest.raises(RuntimeError, match="do not hold"):
+        ops.qmatmul_bf16(torch.randn(2, 128), w, int(T.Q8_0), 128)
     with pytest.raises(RuntimeError, match="do not hold"):
         ops.dequantize(w, int(T.Q4_K), 64)
 

@@ -32,22 +32,36 @@ class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.weight = weight
         self.bias = bias
+        self._exact = weight  # set_products("bfloat16") swaps in a rounded copy
+        self.round_input = False
 
     @property
     def out_features(self) -> int:
         return int(self.weight.shape[0])
 
+    def set_products(self, dtype: str) -> None:
+        """"bfloat16": x and W rounded to bfloat16 before the product (a rounded copy of W); "float32": exact."""
+        self.round_input = dtype == "bfloat16"
+        self.weight = self._exact.to(torch.bfloat16).to(self._exact.dtype) if self.round_input else self._exact
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, in) -> (T, out)."""
+        if self.round_input:
+            x = x.to(torch.bfloat16).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 
 
 class QuantLinear:
-    """y = x @ W^T + b with W in GGUF blocks, through the gguf_serve::qmatmul op (float32 math)."""
+    """y = x @ W^T + b with W in GGUF blocks, through the gguf_serve::qmatmul op (float32 math)
+    or, after set_products("bfloat16"), qmatmul_bf16 (bfloat16 operands, float32 sums)."""
 
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None) -> None:
         self.weight = weight
         self.bias = bias
+        self.bf16_products = False
+
+    def set_products(self, dtype: str) -> None:
+        self.bf16_products = dtype == "bfloat16"
 
     @property
     def out_features(self) -> int:
@@ -56,7 +70,8 @@ class QuantLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, in) -> (T, out) in x's dtype."""
         w = self.weight
-        y = ops.qmatmul(x, w.data, w.qtype, w.shape[1])
+        matmul = ops.qmatmul_bf16 if self.bf16_products else ops.qmatmul
+        y = matmul(x, w.data, w.qtype, w.shape[1])
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)

@@ -166,6 +166,14 @@ class Transformer:
             x = x + h
         return rms_norm(x.to(self.devices.output), self.norm, c.norm_eps)
 
+    def set_head_dtype(self, head_dtype: str) -> str:
+        """The output head's products (EngineConfig.head_dtype); returns "float32" or "bfloat16"."""
+        if head_dtype == "auto":
+            quant_cpu = isinstance(self.output, QuantLinear) and self.output.weight.data.device.type == "cpu"
+            head_dtype = "bfloat16" if quant_cpu else "float32"
+        self.output.set_products(head_dtype)
+        return head_dtype
+
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states (N, hidden) -> float32 logits (N, vocab)."""

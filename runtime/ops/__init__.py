@@ -53,6 +53,16 @@ def qmatmul(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tenso
     return torch.ops.gguf_serve.qmatmul(x, w, qtype, k)
 
 
+def qmatmul_bf16(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """x (t, k) @ W^T with both operands rounded to bfloat16 and float32 sums -> (t, n) float32.
+
+    The output head's product under --head-dtype bfloat16: about 2.6x the speed of the
+    float32 kernel at 8 rows where the CPU has AVX512-BF16 (vdpbf16ps), the same speed
+    elsewhere (it is memory-bound at one row). Each row's result is independent of t.
+    """
+    return torch.ops.gguf_serve.qmatmul_bf16(x, w, qtype, k)
+
+
 def dequantize(w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """W (n, row_bytes) uint8 GGUF blocks -> (n, k) float32."""
     return torch.ops.gguf_serve.dequantize(w, qtype, k)

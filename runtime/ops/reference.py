@@ -23,6 +23,11 @@ def qmatmul(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tenso
     return torch.nn.functional.linear(x.float(), dequantize(w, qtype, k))
 
 
+def qmatmul_bf16(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """x (t, k) @ W^T with x and W's values rounded to bfloat16, summed in float32 -> (t, n) float32."""
+    return torch.nn.functional.linear(x.bfloat16().float(), dequantize(w, qtype, k).bfloat16().float())
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., d) * rsqrt(mean(x^2) + eps) * weight (d,), in float32; returns x's dtype."""
     xf = x.float()

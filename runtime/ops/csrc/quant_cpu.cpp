@@ -56,6 +56,9 @@ inline float half_to_float(uint16_t h) {
 // QK_X86: 3 = AVX-512 intrinsics, 2 = AVX2 + FMA + F16C intrinsics, 0 = portable C++.
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+#if __GNUC__ >= 10 || defined(__clang__)
+#define QK_HAVE_BF16 1  // the compiler knows AVX512-BF16 (vdpbf16ps)
+#endif
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
@@ -88,11 +91,15 @@ namespace {
 using MatvecFn = bool (*)(int, const uint8_t*, int64_t, const float*, float*, int64_t, int64_t, int64_t,
                           int64_t, int64_t, float*);
 using DequantFn = bool (*)(int, const uint8_t*, int64_t, float*, int64_t, int64_t, int64_t);
+using MatvecBf16Fn = bool (*)(int, const uint8_t*, int64_t, const float*, const uint16_t*, float*, int64_t,
+                              int64_t, int64_t, int64_t, int64_t, float*, bool);
 
 struct Kernels {
     const char* isa;
     MatvecFn matvec;
     DequantFn dequant;
+    MatvecBf16Fn matvec_bf16;
+    bool bf16_dot;  // the CPU has AVX512-BF16: matvec_bf16 may take its vdpbf16ps kernel
 };
 
 // Every build this CPU can run, best first.
@@ -102,11 +109,16 @@ std::vector<Kernels> runnable() {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-        out.push_back({"avx512", k_avx512::matvec, k_avx512::dequant});
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-        out.push_back({"avx2", k_avx2::matvec, k_avx2::dequant});
+        out.push_back({"avx512", k_avx512::matvec, k_avx512::dequant, k_avx512::matvec_bf16,
+#ifdef QK_HAVE_BF16
+                       (bool)__builtin_cpu_supports("avx512bf16")});
+#else
+                       false});
 #endif
-    out.push_back({"baseline", k_base::matvec, k_base::dequant});
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        out.push_back({"avx2", k_avx2::matvec, k_avx2::dequant, k_avx2::matvec_bf16, false});
+#endif
+    out.push_back({"baseline", k_base::matvec, k_base::dequant, k_base::matvec_bf16, false});
     return out;
 }
 
@@ -230,6 +242,31 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& w, int64_t
     return y;
 }
 
+// x (t, k) @ W^T with x and W's values rounded to bfloat16, float32 sums -> (t, n) float32.
+// Every t takes the row kernels (no GEMM path), so each row of y is the same whatever t is.
+torch::Tensor qmatmul_bf16(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype, int64_t k) {
+    check_weight(w, qtype, k);
+    TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "x must be (tokens, ", k, ")");
+    const auto xb = x_in.to(torch::kBFloat16).contiguous();  // the rounded operand (t, k)
+    const auto xr = xb.to(torch::kFloat32);                  // its values as float32
+    const int64_t t = xb.size(0), n = w.size(0), row_bytes = w.stride(0);
+    auto y = torch::empty({t, n}, torch::dtype(torch::kFloat32));
+    const uint8_t* wp = w.data_ptr<uint8_t>();
+    const uint16_t* xbp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
+    const float* xrp = xr.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    const Kernels& kn = kernels();
+    std::atomic<bool> ok{true};
+    parallel_rows(n, k * t, [&](int64_t r0, int64_t r1) {
+        thread_local std::vector<float> buf;
+        buf.resize(k);
+        if (!kn.matvec_bf16((int)qtype, wp, row_bytes, xrp, xbp, yp, t, n, k, r0, r1, buf.data(), kn.bf16_dot))
+            ok = false;
+    });
+    TORCH_CHECK(ok, "no CPU kernel for GGUF tensor type ", qtype);
+    return y;
+}
+
 // W (n, row_bytes) GGUF blocks -> (n, k) float32.
 torch::Tensor dequantize(const torch::Tensor& w, int64_t qtype, int64_t k) {
     check_weight(w, qtype, k);
@@ -237,6 +274,8 @@ torch::Tensor dequantize(const torch::Tensor& w, int64_t qtype, int64_t k) {
 }
 
 std::string isa() { return kernels().isa; }
+
+bool bf16_dot() { return kernels().bf16_dot; }
 
 void set_gemm_bf16(bool on) { g_gemm_bf16.store(on); }
 
@@ -248,11 +287,13 @@ void set_num_threads(int64_t n) { kernel_threads_setting().store((int)std::max<i
 // reference as the fallback for every device; these are the CPU kernels.
 TORCH_LIBRARY_IMPL(gguf_serve, CPU, m) {
     m.impl("qmatmul", &qmatmul);
+    m.impl("qmatmul_bf16", &qmatmul_bf16);
     m.impl("dequantize", &dequantize);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("isa", &isa, "the instruction set the kernels were picked for");
+    m.def("bf16_dot", &bf16_dot, "whether qmatmul_bf16 runs on the CPU's bfloat16 dot-product instructions");
     m.def("use_isa", &use_isa, "pick a build by name (for tests); returns the runnable ones");
     m.def("set_gemm_bf16", &set_gemm_bf16, "large-batch GEMMs on the bfloat16 units, float32 accuracy");
     m.def("gemm_bf16", &gemm_bf16, "whether set_gemm_bf16 is on");

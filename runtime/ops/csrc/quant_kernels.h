@@ -391,4 +391,6 @@ static bool dequant(int qtype, const uint8_t* w, int64_t row_bytes, float* y, in
     return false;
 }
 
+#include "quant_bf16.h"
+
 }  // namespace QK_NS
