@@ -227,7 +227,7 @@ class AsyncEngine:
                     continue
                 if o.finished:
                     del self._streams[o.request_id]
-                _deliver(stream, o)
+                _deliver(stream, EngineError(o.error) if o.error is not None else o)
 
     def _drain(self) -> None:
         while True:

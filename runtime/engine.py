@@ -11,7 +11,7 @@ import torch
 
 from runtime.block_manager import BlockManager
 from runtime.config import EngineConfig
-from runtime.errors import InvalidRequestError, NotSupportedError, QueueFullError
+from runtime.errors import EngineError, InvalidRequestError, NotSupportedError, QueueFullError
 from runtime.grammar import GrammarCache
 from runtime.loader import LoadedModel, load_for
 from runtime.model_runner import ModelRunner
@@ -253,6 +253,10 @@ class Engine:
         out: dict[str, list[int]] = {r: [] for r in rids}
         while self.has_unfinished():
             for o in self.step():
+                if o.error is not None:
+                    for r in rids:
+                        self.abort(r)
+                    raise EngineError(o.error)
                 out[o.request_id].extend(o.new_token_ids)
         return [out[r] for r in rids]
 

@@ -6,6 +6,7 @@ KV heads; rank 0's broadcasts each forward's inputs, which the others run (runti
 
 from __future__ import annotations
 
+import logging
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -16,8 +17,11 @@ from runtime.forward_batch import ForwardBatch
 from runtime.kv_cache import KVCache
 from runtime.loader import LoadedModel
 from runtime.pooling import accumulate, pooled
+from runtime.request import TokenLogprob
 from runtime.sampler import SampleRow, SamplerVocab, new_sampler_state, sample
 from runtime.scheduler import SampledToken, SchedulerOutput
+
+log = logging.getLogger(__name__)
 
 # A context shift's KV move: source slots, destination slots, position delta.
 Move = tuple[tuple[int, ...], tuple[int, ...], int]
@@ -93,18 +97,53 @@ class ModelRunner:
             rows.append(
                 SampleRow(req.sampler_state, req.output_token_ids, req.logits_processors, req.grammar)
             )
-        with torch.inference_mode():  # logits is an inference tensor: written in place
-            ids, logprobs = sample(logits, rows, owned=True) if logits is not None else ([], [])
-        picked = iter(zip(ids, logprobs))
+        picked = iter(self._sample(hidden[batch.logits_indices], logits, rows) if logits is not None else [])
         out: list[SampledToken | None] = []
         for i, w in enumerate(want):
             if w:
-                t, lp = next(picked)
-                out.append(SampledToken(t, lp))
+                got = next(picked)
+                out.append(SampledToken(-1, error=got) if isinstance(got, str) else SampledToken(*got))
             elif i in pooled:
                 out.append(SampledToken(-1, embedding=pooled[i]))
             else:
                 out.append(None)
+        return out
+
+    def _sample(
+        self, hidden: torch.Tensor, logits: torch.Tensor, rows: list[SampleRow]
+    ) -> list[tuple[int, TokenLogprob | None] | str]:
+        """Each row's (token, log-probs), or the message of the error that row raised.
+
+        The rows are sampled together; if that raises (a logits processor, a grammar, a
+        bug), each row is sampled alone from freshly computed logits (the batched try may
+        have written into them) with its generator rewound, so one request's failure
+        fails only that request and the others' seeded draws stay as they would be.
+        hidden: the rows' final hidden states (N, hidden); logits (N, vocab).
+        """
+        saved = [(r.state.generator.get_state(), r.state.mu) for r in rows]
+        try:
+            with torch.inference_mode():  # logits is an inference tensor: written in place
+                ids, logprobs = sample(logits, rows, owned=True)
+            return list(zip(ids, logprobs))
+        except Exception as e:
+            if len(rows) == 1:
+                log.exception("sampling failed")
+                return [f"sampling failed: {type(e).__name__}: {e}"]
+        log.warning("sampling %d rows together failed; sampling each alone", len(rows))
+        for r, (state, mu) in zip(rows, saved):
+            r.state.generator.set_state(state)
+            r.state.mu = mu
+        with self._gemm_precision():
+            fresh = self.model.logits(hidden)
+        out: list[tuple[int, TokenLogprob | None] | str] = []
+        for i, r in enumerate(rows):
+            try:
+                with torch.inference_mode():
+                    ids, logprobs = sample(fresh[i : i + 1], [r], owned=True)
+                out.append((ids[0], logprobs[0]))
+            except Exception as e:
+                log.exception("sampling failed for request row %d", i)
+                out.append(f"sampling failed: {type(e).__name__}: {e}")
         return out
 
     def forward(self, moves: list[Move], batch: ForwardBatch | None) -> torch.Tensor:

@@ -74,7 +74,7 @@ class RequestOutput:
     new_token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...] = ()
     finished: bool = False
-    finish_reason: str | None = None  # "stop" (end-of-generation token) | "length" | "abort"
+    finish_reason: str | None = None  # "stop" (end-of-generation token) | "length" | "abort" | "error"
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache
@@ -86,6 +86,7 @@ class RequestOutput:
     # An embedding request's result: (1, hidden) pooled, or (prompt tokens, hidden) for pooling
     # none; final-norm hidden states, float32 on the CPU, not normalized.
     embedding: torch.Tensor | None = None
+    error: str | None = None  # finish_reason "error": what went wrong (this request alone failed)
 
 
 @dataclass

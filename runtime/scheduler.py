@@ -44,6 +44,7 @@ class SampledToken:
     token_id: int  # -1 for an embedding request
     logprob: TokenLogprob | None = None
     embedding: Any = None  # an embedding request's pooled hidden states (a torch.Tensor)
+    error: str | None = None  # sampling this request failed: it ends with this message
 
 
 class Scheduler:
@@ -255,6 +256,17 @@ class Scheduler:
                 continue
             self._register(req)
             if tok is None:
+                continue
+            if tok.error is not None:  # only this request fails; its blocks are freed now
+                slot = req.slot_id
+                self.running.remove(req)
+                self._finish(req, "error")
+                outputs.append(
+                    RequestOutput(
+                        req.request_id, (), finished=True, finish_reason="error", error=tok.error,
+                        num_prompt_tokens=len(req.prompt_token_ids), slot_id=slot,
+                    )
+                )  # fmt: skip
                 continue
             if req.params.n_predict == 0:
                 # llama.cpp evaluates the prompt (warming the cache) and generates nothing.

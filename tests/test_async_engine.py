@@ -170,3 +170,34 @@ def test_generate_after_shutdown_is_an_error(loaded):
 
     with pytest.raises(EngineError):
         asyncio.run(main())
+
+
+def test_a_failing_request_fails_its_own_stream_only(loaded):
+    """A sampling error reaches its caller as EngineError; the others' streams are untouched."""
+    e = Engine(EngineConfig(model_path=str(loaded.path), n_ctx=2048), loaded=loaded)
+    expected = e.generate(prompts(loaded), GREEDY)
+    add = e.add_request
+
+    def add_with_a_bad_processor(ids, params, **kw):
+        rid = add(ids, params, **kw)
+        if ids == prompts(loaded)[1]:
+            e.requests[rid].logits_processors.append(lambda out, x: x.flip(0)[:-1])  # wrong shape
+        return rid
+
+    e.add_request = add_with_a_bad_processor  # type: ignore[method-assign]
+    ae = AsyncEngine(e)
+    ae.start()
+
+    async def one(p):
+        return [t async for o in ae.generate(p, GREEDY) for t in o.new_token_ids]
+
+    async def main():
+        return await asyncio.gather(*(one(p) for p in prompts(loaded)), return_exceptions=True)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        ae.shutdown()
+    assert isinstance(results[1], EngineError) and "sampling failed" in str(results[1])
+    assert [results[i] for i in (0, 2, 3)] == [expected[i] for i in (0, 2, 3)]
+    assert e.num_free_blocks == e.blocks.num_blocks

@@ -125,6 +125,46 @@ def test_abort_midway_frees_blocks_and_spares_the_others(loaded, alone):
     assert e.num_free_blocks == e.blocks.num_blocks
 
 
+def test_a_request_whose_sampling_fails_fails_alone(loaded, alone):
+    """A row that raises in the sampler ends its own request (finish_reason "error"); the
+    others in that step go on, greedy and seeded ones alike, as if it had never been there."""
+    ps = prompts(loaded)[:4]
+    seeded = SamplingParams(temperature=1.0, seed=7, n_predict=12, ignore_eos=True)
+    ref = engine(loaded, n_parallel=1).generate([ps[3]], seeded)[0]
+    e = engine(loaded)
+    rids = [e.add_request(p, sp) for p, sp in zip(ps, [GREEDY, GREEDY, GREEDY, seeded])]
+    calls = []
+
+    def boom(output_ids, logits):
+        calls.append(len(output_ids))
+        if len(output_ids) == 2:
+            raise ValueError("bad processor")
+        return logits
+
+    e.requests[rids[1]].logits_processors.append(boom)
+    got = {r: [] for r in rids}
+    ends = {}
+    while e.has_unfinished():
+        for o in e.step():
+            got[o.request_id] += o.new_token_ids
+            if o.finished:
+                ends[o.request_id] = (o.finish_reason, o.error)
+    assert ends[rids[1]] == ("error", "sampling failed: ValueError: bad processor")
+    assert got[rids[1]] == alone[1][:2]  # its tokens before the failure
+    assert [got[r] for r in rids[::2]] == [alone[0], alone[2]]
+    assert got[rids[3]] == ref  # its generator was rewound after the failed batched try
+    assert all(ends[r] == ("length", None) for r in (rids[0], rids[2], rids[3]))
+    assert e.num_free_blocks == e.blocks.num_blocks
+    assert not e.requests
+    # alone in its step: the same; and the engine goes on serving
+    rid = e.add_request(ps[0], GREEDY)
+    e.requests[rid].logits_processors.append(lambda ids, x: x[:3])  # wrong shape
+    outs = [o for _ in range(2) for o in e.step()]
+    assert [(o.finish_reason, o.error is not None) for o in outs] == [("error", True)]
+    assert e.num_free_blocks == e.blocks.num_blocks and not e.has_unfinished()
+    assert e.generate([ps[0]], GREEDY) == [alone[0]]
+
+
 def test_counters(loaded):
     e = engine(loaded)
     ps = prompts(loaded)[:3]
