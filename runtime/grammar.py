@@ -1,27 +1,21 @@
-"""Grammars for constrained decoding: GBNF through llguidance, JSON schema through outlines-core, compiled once per text.
+"""Grammars for constrained decoding: GBNF and JSON schema through llguidance, compiled once per text.
 
-Why two backends (measured on the default model's 262,144-token vocabulary,
-2 busy cores; scripts/bench.py --constrained reports the engine-level cost):
+llguidance reads llama.cpp's GBNF as written (its GBNF-to-Lark conversion; xgrammar
+0.2.8 refuses the empty alternative of `ws ::= | " "`) and converts JSON schemas
+itself. It builds its lexer lazily, so compiling takes about a millisecond whatever
+the schema. Measured on the default model's 262,144-token vocabulary (2 cores,
+scripts/bench.py --constrained 1,8): JSON-schema masks 0.09 / 0.19 ms per step on
+average at batch 1 / 8, 0.29 / 0.47 ms at worst. outlines-core, used before, indexes
+a schema's regex ahead of time against the whole vocabulary: 0.13 / 0.92 ms masks
+(0.94 / 3.1 at worst), 3.6 s to compile the bench schema, and minutes for small
+schemas: {"type": "string", "maxLength": 60} did not finish in 5 minutes, an array of
+free-form objects took 72 s, which any client could have asked for.
 
-- JSON schema -> outlines-core: `build_regex_from_schema` turns the schema into
-  a regex (types, enum, const, required/optional properties, $ref/$defs,
-  anyOf/oneOf, pattern, format, minItems/maxItems), and its `Index` compiles the
-  regex against the vocabulary ahead of time (0.2-2.3 s for the test schemas),
-  after which a mask costs 0.02-0.2 ms (mean) at every step. llguidance compiles
-  in ~1 ms but spent ~45 ms on each new lexer state (every new key) in our
-  measurement, and xgrammar's own JSON-schema path skips outlines-core, which the
-  design asks for.
-- GBNF -> llguidance (its GBNF-to-Lark conversion): it reads llama.cpp's GBNF as
-  written (xgrammar 0.2.8 refuses the empty alternative of `ws ::= | " "`);
-  its masks cost 0.1-1 ms (mean, 3 ms at most) on the test grammars, where
-  xgrammar spent ~100 ms on every token inside a JSON string.
-- An unconstrained schema ({} or {"type": "object"}, also OpenAI's json_object)
-  is the one case outlines-core is slow for (its any-JSON regex takes ~25 s to
-  index), so it goes through llguidance as a small JSON GBNF grammar instead.
-
-Two fixes to outlines-core's regex: `\\d` means [0-9] (JSON Schema's ECMA-262
-reading; outlines-core's engine takes any Unicode digit), and integers and
-numbers get llama.cpp's bounds (16 digits), so sampling cannot run on in digits.
+JSON output follows llama.cpp's json-schema-to-grammar: ", " and ": " separators with
+no free whitespace (a sampler cannot wander in it), unknown `format`s ignored
+(llguidance's lenient mode), and integers and numbers without bounds get 16 integral
+digits at most (llguidance's bounds are float64: |x| <= 2**53 - 1, 16 digits). An unconstrained schema ({} or {"type": "object"}, also OpenAI's
+json_object) takes our JSON GBNF grammar, whose whitespace may hold newlines.
 
 `GrammarCache` compiles (off the engine thread: AsyncEngine calls it through
 asyncio.to_thread) and keeps the last compiled grammars by text; an invalid
@@ -36,7 +30,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from runtime.errors import InvalidRequestError
-from runtime.grammar_matcher import GrammarMatcher, LarkMatcher, RegexMatcher
+from runtime.grammar_matcher import GrammarMatcher, LarkMatcher
 
 if TYPE_CHECKING:
     from runtime.sampling_params import SamplingParams
@@ -55,6 +49,13 @@ number  ::= "-"? ( "0" | [1-9] [0-9]{0,15} ) ( "." [0-9]{1,16} )? ( [eE] [-+]? [
 ws      ::= ( " " | "\n" [ \t]{0,8} )?
 """
 JSON_OBJECT_GBNF = JSON_GBNF.replace("root    ::= value", "root    ::= object")
+# llguidance's JSON-schema options (its "x-guidance" key), as llama.cpp's JSON grammars write JSON.
+JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
+# For a number without minimum or maximum, as llama.cpp bounds it to 16 integral digits:
+# 2**53 - 1 has 16 and is exact as the float64 llguidance reads bounds into (10**16 - 1 is not).
+INTEGRAL_BOUND = 2**53 - 1
+_LITERALS = frozenset({"const", "enum", "default", "examples"})
+_MORE_PROPERTIES = frozenset({"additionalProperties", "patternProperties", "unevaluatedProperties"})
 
 
 class Grammar:
@@ -62,22 +63,6 @@ class Grammar:
 
     def matcher(self) -> GrammarMatcher:
         raise NotImplementedError
-
-
-class _RegexGrammar(Grammar):
-    def __init__(self, index: Any, eos_id: int, eog_ids: frozenset[int]) -> None:
-        self.index = index
-        self.eos_id, self.eog_ids = eos_id, eog_ids
-        self.terminal: dict[int, bool] = {}  # state -> only EOS is allowed there
-
-    def matcher(self) -> GrammarMatcher:
-        return RegexMatcher(self)
-
-    def is_terminal(self, state: int) -> bool:
-        done = self.terminal.get(state)
-        if done is None:
-            done = self.terminal[state] = set(self.index.get_allowed_tokens(state)) <= {self.eos_id}
-        return done
 
 
 class _LarkGrammar(Grammar):
@@ -99,7 +84,6 @@ class GrammarCache:
         self._lock = threading.Lock()  # the cache
         self._vocab_lock = threading.Lock()  # the vocabularies, built lazily (seconds) by the first compile
         self._pieces: list[bytes] | None = None
-        self._outlines_vocab: Any = None
         self._llg_tokenizer: Any = None
         self.eog_ids = frozenset(tokenizer.eog_ids)
         eos = tokenizer.eos_id
@@ -152,24 +136,33 @@ class GrammarCache:
         except (ValueError, RuntimeError) as e:
             why = _first_line(e).removeprefix("Failed to convert the grammar from GBNF to Lark: ")
             raise InvalidRequestError(f"Failed to parse grammar: {why}") from None
-        tok = self._lark_tokenizer()
-        template = llguidance.LLMatcher(tok, lark, log_level=0)  # builds the parser (GIL released)
-        if template.is_error():
-            raise InvalidRequestError(f"Failed to parse grammar: {_first_line(template.get_error())}")
-        return _LarkGrammar(tok, template, self.eog_ids)
+        return self._matcher_template(lark, "grammar")
 
     def _schema(self, text: str) -> Grammar:
-        import outlines_core
+        import llguidance
 
         schema = json.loads(text)  # SamplingParams stores it as canonical JSON text
         if schema in ({}, True, {"type": "object"}):  # any value / any object: see the docstring
             return self._gbnf(JSON_GBNF if schema != {"type": "object"} else JSON_OBJECT_GBNF)
+        schema = as_llama_cpp(schema)
+        schema["x-guidance"] = JSON_FORMAT
         try:
-            regex = bounded_numbers(ascii_digits(outlines_core.json_schema.build_regex_from_schema(text)))
-            index = outlines_core.Index(regex, self._regex_vocabulary())
+            grammar = llguidance.grammar_from("json_schema", json.dumps(schema))
         except (ValueError, RuntimeError, TypeError) as e:
             raise InvalidRequestError(f"Failed to parse json_schema: {_first_line(e)}") from None
-        return _RegexGrammar(index, self.eos_id, self.eog_ids)
+        return self._matcher_template(grammar, "json_schema")
+
+    def _matcher_template(self, grammar: str, what: str) -> Grammar:
+        import llguidance
+
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+        if failed:
+            raise InvalidRequestError(f"Failed to parse {what}: {_first_line(messages[0] if messages else '')}")
+        tok = self._lark_tokenizer()
+        template = llguidance.LLMatcher(tok, grammar, log_level=0)  # builds the parser (GIL released)
+        if template.is_error():
+            raise InvalidRequestError(f"Failed to parse {what}: {_first_line(template.get_error())}")
+        return _LarkGrammar(tok, template, self.eog_ids)
 
     def pieces(self) -> list[bytes]:
         """Each token's bytes as our tokenizer (llama.cpp's) renders it; control tokens are empty."""
@@ -178,19 +171,6 @@ class GrammarCache:
                 tok = self.tokenizer
                 self._pieces = [tok.token_to_piece(i, special=False) for i in range(tok.vocab_size)]
             return self._pieces
-
-    def _regex_vocabulary(self) -> Any:
-        import outlines_core
-
-        pieces = self.pieces()
-        with self._vocab_lock:
-            if self._outlines_vocab is None:
-                by_piece: dict[bytes, list[int]] = {}
-                for i, p in enumerate(pieces):
-                    if p and i not in self.eog_ids:
-                        by_piece.setdefault(p, []).append(i)
-                self._outlines_vocab = outlines_core.Vocabulary(self.eos_id, by_piece)
-            return self._outlines_vocab
 
     def _lark_tokenizer(self) -> Any:
         import llguidance
@@ -221,38 +201,30 @@ class _Vocab:
         return self._tokenizer.encode(text, add_special=False, parse_special=False)
 
 
-def bounded_numbers(regex: str) -> str:
-    """outlines-core's integer and number patterns with llama.cpp's bounds (16 integer, 16 fraction digits).
+def as_llama_cpp(schema: Any) -> Any:
+    """A copy of the schema as llama.cpp's json-schema-to-grammar reads it.
 
-    Unbounded, a sampler can run on in digits until n_predict; llama.cpp's
-    json-schema-to-grammar bounds them the same way.
+    Every integer or number without a lower or upper bound gets one of 16 integral digits,
+    as llama.cpp bounds them (unbounded, a sampler can run on in digits until n_predict). An object with
+    `properties` and nothing said of others allows only those (JSON Schema would allow
+    any other key; llama.cpp and OpenAI's structured outputs do not).
     """
-    from outlines_core import json_schema as js
-
-    tail = js.NUMBER.removeprefix(f"({js.INTEGER})")  # the fraction and exponent parts
-    if tail != js.NUMBER:
-        bounded = tail.replace(r"(\.[0-9]+)", r"(\.[0-9]{1,16})").replace("[0-9]+)?", "[0-9]{1,3})?")
-        regex = regex.replace(f"({js.INTEGER}){tail}", f"({js.INTEGER}){bounded}")
-    return regex.replace(js.INTEGER, js.INTEGER.replace("[1-9][0-9]*", "[1-9][0-9]{0,15}"))
-
-
-def ascii_digits(regex: str) -> str:
-    r"""\d as JSON Schema means it (ECMA-262: [0-9]); outlines-core's regex engine would take any Unicode digit."""
-    out, i, in_class = [], 0, False
-    while i < len(regex):
-        c = regex[i]
-        if c == "\\" and i + 1 < len(regex):
-            pair = regex[i : i + 2]
-            out.append(("0-9" if in_class else "[0-9]") if pair == "\\d" else pair)
-            i += 2
-            continue
-        if c == "[" and not in_class:
-            in_class = True
-        elif c == "]" and in_class and out[-1] != "[":
-            in_class = False
-        out.append(c)
-        i += 1
-    return "".join(out)
+    if isinstance(schema, list):
+        return [as_llama_cpp(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    # values, not schemas, under these keywords: left as they are
+    out = {k: v if k in _LITERALS else as_llama_cpp(v) for k, v in schema.items()}
+    types = schema.get("type")
+    names = types if isinstance(types, list) else [types]
+    numeric = {"integer", "number"} & {t for t in names if isinstance(t, str)}
+    if numeric and not ({"minimum", "exclusiveMinimum"} & schema.keys()):
+        out["minimum"] = -INTEGRAL_BOUND
+    if numeric and not ({"maximum", "exclusiveMaximum"} & schema.keys()):
+        out["maximum"] = INTEGRAL_BOUND
+    if isinstance(schema.get("properties"), dict) and not (_MORE_PROPERTIES & schema.keys()):
+        out["additionalProperties"] = False  # llama.cpp: listed properties only, unless the schema says more
+    return out
 
 
 def _first_line(e: object) -> str:

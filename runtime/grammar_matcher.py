@@ -1,7 +1,7 @@
 """Per-request grammar state: follows the tokens a request generated and fills its row of the batch's token bitmask.
 
 A bitmask row holds one bit per token id, 32 to an int32 word (bit t % 32 of
-word t // 32), the layout outlines-core and llguidance write into. `fill_bitmask`
+word t // 32), the layout llguidance writes into. `fill_bitmask`
 asks each constrained row's matcher for its row (unconstrained rows allow
 everything); `apply_bitmask` then masks the whole (rows, vocab) logits in one
 masked_fill, before any sampler runs, as llama.cpp applies a grammar first.
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from runtime.grammar import _LarkGrammar, _RegexGrammar
+    from runtime.grammar import _LarkGrammar
 
 # byte value -> which of its 8 bits are 0 (banned tokens); a word's bytes are little-endian.
 _BANNED = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1) == 0  # (256, 8) bool
@@ -28,11 +28,6 @@ def _set_bit(row: torch.Tensor, token_id: int) -> None:
     if word < row.numel():
         value = 1 << bit
         row[word] |= value - (1 << 32) if bit == 31 else value  # int32: bit 31 is the sign
-
-
-def _has_bit(row: torch.Tensor, token_id: int) -> bool:
-    word, bit = divmod(token_id, 32)
-    return word < row.numel() and (int(row[word]) >> bit) & 1 == 1
 
 
 class GrammarMatcher:
@@ -75,35 +70,8 @@ class GrammarMatcher:
         raise NotImplementedError
 
 
-class RegexMatcher(GrammarMatcher):
-    """An outlines-core Guide over a compiled regex (JSON schemas)."""
-
-    def __init__(self, grammar: _RegexGrammar) -> None:
-        import outlines_core
-
-        super().__init__(grammar.eog_ids)
-        self.grammar = grammar
-        self.guide: Any = outlines_core.Guide(grammar.index)
-
-    def _consume(self, token_id: int) -> bool:
-        try:
-            self.guide.advance(token_id, return_tokens=False)
-        except (ValueError, RuntimeError):
-            return False
-        return True
-
-    def _is_done(self) -> bool:
-        return self.grammar.is_terminal(self.guide.get_state())
-
-    def _fill(self, row: torch.Tensor) -> None:
-        self.guide.write_mask_into(row.data_ptr(), row.numel(), row.element_size())
-
-    def _may_end(self, row: torch.Tensor) -> bool:
-        return _has_bit(row, self.grammar.eos_id)
-
-
 class LarkMatcher(GrammarMatcher):
-    """An llguidance LLMatcher (GBNF grammars, converted to Lark)."""
+    """An llguidance LLMatcher (GBNF grammars converted to Lark, and JSON schemas)."""
 
     def __init__(self, grammar: _LarkGrammar) -> None:
         super().__init__(grammar.eog_ids)

@@ -87,7 +87,7 @@ def client(loaded):
 
 PERSON = {
     "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "maxDigits": 2}},
+    "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": -99, "maximum": 99}},
     "required": ["name", "age"],
 }
 

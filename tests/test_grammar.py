@@ -13,7 +13,7 @@ import torch
 
 from runtime.errors import InvalidRequestError
 from runtime.gguf.reader import GGUFFile
-from runtime.grammar import JSON_GBNF, GrammarCache, ascii_digits, bounded_numbers
+from runtime.grammar import INTEGRAL_BOUND, JSON_GBNF, GrammarCache, as_llama_cpp
 from runtime.grammar_matcher import GrammarMatcher, apply_bitmask, fill_bitmask
 from runtime.sampler import SampleRow, SamplerVocab, new_sampler_state, sample
 from runtime.sampling_params import SamplingParams
@@ -62,7 +62,7 @@ SCHEMAS = {
     "types": {
         "type": "object",
         "properties": {
-            "s": {"type": "string", "maxLength": 8}, "i": {"type": "integer", "maxDigits": 3},
+            "s": {"type": "string", "maxLength": 8}, "i": {"type": "integer", "minimum": -999, "maximum": 999},
             "b": {"type": "boolean"}, "z": {"type": "null"}, "n": {"type": "number"},
         },
         "required": ["s", "i", "b", "z", "n"],
@@ -83,7 +83,7 @@ SCHEMAS = {
             "user": {
                 "type": "object",
                 "properties": {
-                    "id": {"type": "integer", "maxDigits": 4},
+                    "id": {"type": "integer", "minimum": -9999, "maximum": 9999},
                     "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "minItems": 1, "maxItems": 3},
                 },
                 "required": ["id", "tags"],
@@ -99,7 +99,7 @@ SCHEMAS = {
     "any_one_of": {
         "type": "object",
         "properties": {
-            "id": {"anyOf": [{"type": "integer", "maxDigits": 3}, {"type": "string", "maxLength": 5}]},
+            "id": {"anyOf": [{"type": "integer", "minimum": -999, "maximum": 999}, {"type": "string", "maxLength": 5}]},
             "flag": {"oneOf": [{"type": "boolean"}, {"type": "null"}]},
         },
         "required": ["id", "flag"],
@@ -108,7 +108,7 @@ SCHEMAS = {
         "$defs": {
             "point": {
                 "type": "object",
-                "properties": {"x": {"type": "integer", "maxDigits": 3}, "y": {"type": "integer", "maxDigits": 3}},
+                "properties": {"x": {"type": "integer", "minimum": -999, "maximum": 999}, "y": {"type": "integer", "minimum": -999, "maximum": 999}},
                 "required": ["x", "y"],
             }
         },
@@ -118,17 +118,17 @@ SCHEMAS = {
     },
     "no_additional": {
         "type": "object",
-        "properties": {"a": {"type": "integer", "maxDigits": 2}, "b": {"type": "boolean"}},
+        "properties": {"a": {"type": "integer", "minimum": -99, "maximum": 99}, "b": {"type": "boolean"}},
         "required": ["a"],
         "additionalProperties": False,
     },
-    "array_bounds": {"type": "array", "items": {"type": "integer", "maxDigits": 2}, "minItems": 2, "maxItems": 4},
+    "array_bounds": {"type": "array", "items": {"type": "integer", "minimum": -99, "maximum": 99}, "minItems": 2, "maxItems": 4},
 }
 DATE = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])")
 
 
 def schema_ok(name: str, text: str) -> bool:
-    """The text is JSON valid under the schema (formats checked by shape: outlines-core's date regex allows Feb 31)."""
+    """The text is JSON valid under the schema (formats checked by shape: jsonschema does not check them)."""
     value = json.loads(text)
     jsonschema.validate(value, SCHEMAS[name])
     return name != "pattern_format" or DATE.fullmatch(value["day"]) is not None
@@ -226,7 +226,7 @@ def test_unconstrained_schema_is_any_json(tok, cache, short):
         ({"grammar": 'root ::= "a'}, "^Failed to parse grammar: "),
         ({"grammar": "root ::= foo"}, "^Failed to parse grammar: .*foo"),
         ({"grammar": 'item ::= "a"'}, "^Failed to parse grammar: .*root"),
-        ({"json_schema": {"type": "bogus"}}, "^Failed to parse json_schema: Unsupported type: bogus"),
+        ({"json_schema": {"type": "bogus"}}, "^Failed to parse json_schema: Invalid type: bogus"),
         ({"json_schema": {"$ref": "#/$defs/none"}}, "^Failed to parse json_schema: "),
     ],
 )
@@ -301,11 +301,62 @@ def test_every_sampler_draws_only_allowed_tokens(kw, tok, cache):
     assert re.fullmatch(r"[0-9]{2}\.[0-9]", tok.decode(out)), tok.decode(out)
 
 
-def test_regex_fixes_ascii_digits_and_bounded_numbers():
-    assert ascii_digits(r"\d{4}-[\d_]x\\d\D") == r"[0-9]{4}-[0-9_]x\\d\D"
-    from outlines_core import json_schema as js
+def test_schemas_are_read_as_llama_cpp_reads_them():
+    schema = {
+        "type": "object",
+        "properties": {
+            "type": {"type": "integer"},  # a property named "type" is not a keyword
+            "n": {"type": ["number", "null"], "minimum": 0},
+            "k": {"const": {"type": "integer"}},  # a value, left alone
+        },
+        "$defs": {"x": {"type": "integer", "exclusiveMaximum": 5}},
+    }
+    got = as_llama_cpp(schema)
+    assert got["additionalProperties"] is False  # listed properties only
+    assert as_llama_cpp({"properties": {}, "additionalProperties": {"type": "string"}})["additionalProperties"] == {
+        "type": "string"
+    }
+    assert "additionalProperties" not in as_llama_cpp({"type": "object", "patternProperties": {"^a": {}}})
+    assert got["properties"]["type"] == {"type": "integer", "minimum": -INTEGRAL_BOUND, "maximum": INTEGRAL_BOUND}
+    assert got["properties"]["n"] == {"type": ["number", "null"], "minimum": 0, "maximum": INTEGRAL_BOUND}
+    assert got["properties"]["k"] == {"const": {"type": "integer"}}
+    assert got["$defs"]["x"] == {"type": "integer", "exclusiveMaximum": 5, "minimum": -INTEGRAL_BOUND}
+    assert schema["properties"]["type"] == {"type": "integer"}  # a copy: the request's schema is kept
 
-    number = bounded_numbers(js.build_regex_from_schema('{"type": "array", "items": {"type": "number"}}'))
-    assert re.fullmatch(number, "[1.5, -20, 3e+10]") and "*" not in number and "+)" not in number
-    assert re.fullmatch(number, "[" + "9" * 16 + "]") and not re.fullmatch(number, "[" + "9" * 17 + "]")
-    assert bounded_numbers(js.build_regex_from_schema('{"type": "integer"}')) == "(-)?(0|[1-9][0-9]{0,15})"
+
+def test_digits_stop_at_sixteen(tok, cache):
+    """An unbounded integer ends by 16 digits (llama.cpp's bound; here 2**53 - 1 at most)."""
+    m = cache.matcher(SamplingParams(json_schema={"type": "array", "items": {"type": "integer"}}))
+    assert m is not None
+    out = tok.encode("[" + "9" * 15, add_special=False)
+    m.sync(out)
+    assert not m.failed
+    assert not allowed(m, out, tok.vocab_size, tok.encode("9", add_special=False)[0])
+    assert allowed(m, out, tok.vocab_size, tok.encode("]", add_special=False)[0])
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "string", "maxLength": 60},  # outlines-core: over 5 minutes to index
+        {"type": "array", "items": {"type": "object"}, "maxItems": 3},  # outlines-core: 72 s
+        {"anyOf": [{"type": "integer"}, {}]},
+        {"type": "string", "minLength": 300, "maxLength": 400},
+    ],
+)
+def test_schemas_that_took_minutes_to_index_compile_and_constrain(schema, tok, cache, short):
+    m = cache.matcher(SamplingParams(json_schema=schema))
+    assert m is not None
+    out, finished = walk(m, tok, short, 0, steps=600)
+    if finished:
+        jsonschema.validate(json.loads(out), schema)
+    else:  # a long string: still a prefix of one
+        assert out.startswith('"') and '"' not in out[1:]
+
+
+def test_unknown_formats_are_ignored_as_llama_cpp_does(tok, cache, short):
+    schema = {"type": "object", "properties": {"u": {"type": "string", "format": "made-up", "maxLength": 5}}, "required": ["u"]}
+    m = cache.matcher(SamplingParams(json_schema=schema))
+    assert m is not None
+    out, finished = walk(m, tok, short, 1)
+    assert finished and isinstance(json.loads(out)["u"], str)
