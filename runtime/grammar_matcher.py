@@ -4,24 +4,21 @@ A bitmask row holds one bit per token id, 32 to an int32 word (bit t % 32 of
 word t // 32), the layout llguidance writes into. `fill_bitmask`
 asks each constrained row's matcher for its row (unconstrained rows allow
 everything); `apply_bitmask` then masks the whole (rows, vocab) logits in one
-masked_fill, before any sampler runs, as llama.cpp applies a grammar first.
+pass (ops.apply_bitmask_), before any sampler runs, as llama.cpp applies a grammar first.
 End-of-generation tokens are allowed exactly where the grammar may end.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from runtime import ops
+
 if TYPE_CHECKING:
     from runtime.grammar import _LarkGrammar
-
-# byte value -> which of its 8 bits are 0 (banned tokens); a word's bytes are little-endian.
-_BANNED = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1) == 0  # (256, 8) bool
-
 
 def _set_bit(row: torch.Tensor, token_id: int) -> None:
     word, bit = divmod(token_id, 32)
@@ -108,11 +105,8 @@ def fill_bitmask(
     return mask
 
 
-def apply_bitmask(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """logits (rows, vocab) with every token whose bit is 0 set to -inf (a new tensor)."""
-    n, vocab = logits.shape
-    assert sys.byteorder == "little", "the bitmask is read byte by byte"
-    table = _BANNED.to(logits.device)
-    data = mask.view(torch.uint8).reshape(-1).to(device=logits.device, dtype=torch.int32)  # (rows * words * 4,)
-    banned = torch.index_select(table, 0, data).view(n, -1)[:, :vocab]  # (rows, vocab), a table lookup per byte
-    return logits.masked_fill(banned, float("-inf"))
+def apply_bitmask(logits: torch.Tensor, mask: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """logits (rows, vocab) float32 with every token whose bit is 0 set to -inf (a copy unless in_place)."""
+    x = logits if in_place else logits.clone()
+    ops.apply_bitmask_(x, mask)
+    return x

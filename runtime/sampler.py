@@ -60,7 +60,7 @@ _STAGES: dict[str, Stage] = {
 
 
 def _adjusted(logits: torch.Tensor, rows: Sequence[SampleRow], in_place: bool = False) -> torch.Tensor:
-    """Grammar masks (all rows in one masked_fill), then processors and logit bias; a copy only when needed."""
+    """Grammar masks (all rows in one pass), then processors and logit bias; a copy only when needed."""
     mask = fill_bitmask([r.grammar for r in rows], [r.output_ids for r in rows], logits.shape[1])
     todo = [i for i, r in enumerate(rows) if r.processors or r.state.bias_ids is not None]
     if mask is None and not todo:
@@ -68,7 +68,7 @@ def _adjusted(logits: torch.Tensor, rows: Sequence[SampleRow], in_place: bool = 
     if mask is None:  # (N, V) copy: 8 MB a row-group on a 262k vocabulary
         x = logits if in_place else logits.clone()
     else:
-        x = apply_bitmask(logits, mask)
+        x = apply_bitmask(logits, mask, in_place)
     for i in todo:
         row = rows[i]
         for proc in row.processors:

@@ -1,4 +1,4 @@
-"""The fused CPU kernels of the per-token ops (RMS norm, rotary) against their plain-torch reference."""
+"""The fused CPU kernels of the per-token ops (RMS norm, rotary, decode attention, grammar masks) against their plain-torch reference."""
 
 from __future__ import annotations
 
@@ -129,3 +129,39 @@ def test_paged_decode_opcheck_and_bad_input():
         ops.paged_decode(torch.randn(2, 3, 64), torch.randn(4, 16, 2, 64), torch.randn(4, 16, 2, 64),
                          torch.zeros(2, 1, dtype=torch.int64), torch.zeros(2, dtype=torch.int64),
                          torch.ones(2, dtype=torch.int64), 0.125)
+
+
+def _mask(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """(rows, words) int32 with whole words allowed (-1), banned (0) and mixed, a row unconstrained."""
+    g = torch.Generator().manual_seed(seed)
+    words = (vocab + 31) // 32
+    m = torch.randint(-(2**31), 2**31, (rows, words), generator=g, dtype=torch.int64).to(torch.int32)
+    kind = torch.randint(0, 3, (rows, words), generator=g)
+    m[kind == 0] = -1
+    m[kind == 1] = 0
+    m[0] = -1
+    return m
+
+
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 32), (3, 100), (9, 1000), (2, 262144)])
+def test_apply_bitmask_matches_reference(rows, vocab):
+    x, m = rand(rows, vocab), _mask(rows, vocab, rows)
+    got, want = x.clone(), x.clone()
+    ops.apply_bitmask_(got, m)
+    reference.apply_bitmask_(want, m)
+    assert torch.equal(got, want)
+    assert torch.equal(got[0], x[0])  # the unconstrained row is untouched
+    word, bit = divmod(vocab - 1, 32)  # spot-check the layout: bit t % 32 of word t // 32
+    banned = not (int(m[-1, word]) >> bit) & 1
+    assert (got[-1, -1] == float("-inf")) == banned and (banned or got[-1, -1] == x[-1, -1])
+
+
+def test_apply_bitmask_opcheck_and_bad_input():
+    x, m = rand(2, 70), _mask(2, 70, 0)
+    torch.library.opcheck(torch.ops.gguf_serve.apply_bitmask_, (x, m))
+    with pytest.raises(RuntimeError, match="do not cover"):
+        ops.apply_bitmask_(rand(2, 70), m[:, :2])
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.apply_bitmask_(rand(2, 70).double(), m)
+    with pytest.raises(RuntimeError, match="int32"):
+        ops.apply_bitmask_(rand(2, 70), m.long())

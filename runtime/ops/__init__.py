@@ -68,6 +68,11 @@ def dequantize(w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     return torch.ops.gguf_serve.dequantize(w, qtype, k)
 
 
+def apply_bitmask_(logits: torch.Tensor, mask: torch.Tensor) -> None:
+    """logits (rows, vocab) float32, in place: -inf where the token's bit in mask (rows, words) int32 is 0."""
+    torch.ops.gguf_serve.apply_bitmask_(logits, mask)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., d) * rsqrt(mean(x^2) + eps) * weight (d,), computed in float32, in x's dtype."""
     return torch.ops.gguf_serve.rms_norm(x, weight, eps)

@@ -89,3 +89,13 @@ def paged_decode(
         scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~mask, float("-inf"))
         o = torch.matmul(scores.softmax(-1), v.float()).to(q.dtype)
     return o.squeeze(2)
+
+
+def apply_bitmask_(logits: torch.Tensor, mask: torch.Tensor) -> None:
+    """logits (rows, vocab) float32, in place: -inf where the token's bit in mask (rows, words) int32 is 0.
+
+    Bit t % 32 of word t // 32 (the words' bytes read little-endian, as every supported host stores them).
+    """
+    n, vocab = logits.shape
+    bits = (mask.to(logits.device).view(torch.uint8).reshape(n, -1).int().unsqueeze(-1) >> torch.arange(8, device=logits.device)) & 1
+    logits.masked_fill_(bits.reshape(n, -1)[:, :vocab] == 0, float("-inf"))

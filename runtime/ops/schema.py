@@ -33,6 +33,9 @@ LIB.define(
     "float scale, float softcap) -> Tensor"
 )
 LIB.impl("paged_decode", reference.paged_decode, "CompositeExplicitAutograd")
+# Constrained decoding's token bitmask (runtime/grammar_matcher.py), applied in place.
+LIB.define("apply_bitmask_(Tensor(a!) logits, Tensor mask) -> ()")
+LIB.impl("apply_bitmask_", reference.apply_bitmask_, "CompositeExplicitAutograd")
 
 
 def use_cuda_kernels() -> bool:
@@ -64,6 +67,11 @@ def _qmatmul_bf16_fake(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> 
 @torch.library.register_fake("gguf_serve::dequantize")
 def _dequantize_fake(w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     return w.new_empty((w.shape[0], k), dtype=torch.float32)
+
+
+@torch.library.register_fake("gguf_serve::apply_bitmask_")
+def _apply_bitmask_fake(logits: torch.Tensor, mask: torch.Tensor) -> None:
+    return None
 
 
 @torch.library.register_fake("gguf_serve::rms_norm")

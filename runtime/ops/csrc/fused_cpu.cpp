@@ -1,4 +1,4 @@
-// CPU kernels for the small per-token ops of a decode step (RMS norm, rotary, decode attention), one pass each.
+// CPU kernels for the small per-token ops of a decode step (RMS norm, rotary, decode attention, grammar masks), one pass each.
 //
 // A decode step runs ~10 of these per layer on a few hundred values; as chains of torch ops
 // each costs 5-10 dispatches, which is more time than the arithmetic. Rows are independent
@@ -177,6 +177,40 @@ torch::Tensor paged_decode(const torch::Tensor& q_in, const torch::Tensor& k_cac
     return out.to(q_in.scalar_type());
 }
 
+// logits (rows, vocab) float32, in place: -inf wherever the token's bit in mask (rows, words)
+// int32 is 0 (bit t % 32 of word t // 32). A word of -1 (all allowed) is skipped, so an
+// unconstrained row costs a scan of its words; 0 (all banned) fills 32 logits at once.
+void apply_bitmask_(const torch::Tensor& logits, const torch::Tensor& mask_in) {
+    TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == torch::kFloat32 && logits.is_contiguous(),
+                "apply_bitmask_: logits must be a contiguous (rows, vocab) float32 tensor");
+    TORCH_CHECK(mask_in.dim() == 2 && mask_in.scalar_type() == torch::kInt32 && mask_in.size(0) == logits.size(0),
+                "apply_bitmask_: mask must be (rows, words) int32, a row per logits row");
+    const int64_t n = logits.size(0), vocab = logits.size(1), words = mask_in.size(1);
+    TORCH_CHECK(words * 32 >= vocab, "apply_bitmask_: ", words, " words do not cover ", vocab, " tokens");
+    const auto mask = mask_in.contiguous();
+    const int32_t* mp = mask.data_ptr<int32_t>();
+    float* lp = logits.data_ptr<float>();
+    const float ninf = -std::numeric_limits<float>::infinity();
+    parallel_rows(n, vocab / 4, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+            float* row = lp + r * vocab;
+            const int32_t* mr = mp + r * words;
+            for (int64_t w = 0; w * 32 < vocab; ++w) {
+                const uint32_t bits = (uint32_t)mr[w];
+                if (bits == 0xFFFFFFFFu) continue;
+                float* x = row + w * 32;
+                const int64_t lim = std::min<int64_t>(32, vocab - w * 32);
+                if (bits == 0) {
+                    std::fill(x, x + lim, ninf);
+                    continue;
+                }
+                for (int64_t j = 0; j < lim; ++j)
+                    if (!((bits >> j) & 1u)) x[j] = ninf;
+            }
+        }
+    });
+}
+
 }  // namespace
 
 // Schemas in runtime/ops/schema.py, references in runtime/ops/reference.py.
@@ -184,4 +218,5 @@ TORCH_LIBRARY_IMPL(gguf_serve, CPU, m) {
     m.impl("rms_norm", &rms_norm);
     m.impl("rope", &rope);
     m.impl("paged_decode", &paged_decode);
+    m.impl("apply_bitmask_", &apply_bitmask_);
 }
