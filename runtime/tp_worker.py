@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 
 import torch
 
@@ -25,6 +27,7 @@ def run_worker(loaded: LoadedModel, cfg: EngineConfig) -> int:
     if cfg.n_threads:
         torch.set_num_threads(cfg.n_threads)
     runner = ModelRunner(loaded, cfg)
+    _leave_signals_to_rank_0(par.rank)
     log.info("tensor-parallel rank %d/%d ready on %s", par.rank, par.world, loaded.device)
     steps = 0
     while True:
@@ -36,3 +39,17 @@ def run_worker(loaded: LoadedModel, cfg: EngineConfig) -> int:
         steps += 1
     log.info("tensor-parallel rank %d stopped after %d steps", par.rank, steps)
     return steps
+
+
+def _leave_signals_to_rank_0(rank: int) -> None:
+    """SIGTERM and SIGINT reach every rank at once (torchrun forwards them; Ctrl-C signals the
+    whole process group). Rank 0 drains its requests and then stops this loop; a rank that
+    died on the signal would fail the steps still running, so here they are only noted."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread (tests run ranks in threads)
+
+    def note(signum: int, frame: object) -> None:
+        log.info("tensor-parallel rank %d: %s; following rank 0's shutdown", rank, signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, note)

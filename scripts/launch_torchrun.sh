@@ -8,6 +8,11 @@
 # NCCL with --device cuda (rank r on GPU -mg + r), gloo on the CPU. Extra torchrun flags
 # (multi-node: --nnodes, --rdzv-endpoint, ...) replace the default --standalone through
 # $TORCHRUN_ARGS; $PYTHON picks the interpreter.
+#
+# SIGTERM to torchrun reaches every rank: rank 0 drains (--shutdown-timeout, default 30 s)
+# while the other ranks keep following its steps, then all exit 0. torchrun kills ranks
+# still running 30 s after it forwarded the signal, so keep --shutdown-timeout under ~25 s
+# here if in-flight requests should end cleanly rather than be killed.
 set -euo pipefail
 
 if [[ $# -lt 1 || ! $1 =~ ^[1-9][0-9]*$ ]]; then

@@ -221,6 +221,7 @@ def test_tensor_split_without_torchrun_is_refused(tmp_path, monkeypatch, capsys)
 
 def test_launch_torchrun_serves_from_rank_0(tmp_path):
     """scripts/launch_torchrun.sh 2: rank 0 alone binds the port and answers what 1 process does."""
+    import json
     import os
     import signal
     import subprocess
@@ -262,6 +263,15 @@ def test_launch_torchrun_serves_from_rank_0(tmp_path):
         r = httpx.post(f"{url}/completion", json=body, timeout=120)
         assert r.status_code == 200, r.text
         assert r.json()["tokens"] == expected
+        # SIGTERM to torchrun reaches every rank: rank 0 drains the stream in flight while
+        # rank 1 keeps following its steps, then both stop.
+        long = {"prompt": prompt, "n_predict": 400, "temperature": 0, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{url}/completion", json=long, timeout=120) as r:
+            lines = (json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: "))
+            assert not next(lines)["stop"]
+            proc.send_signal(signal.SIGTERM)
+            last = list(lines)[-1]
+        assert last["stop"] and last["stop_type"] == "limit" and last["tokens_predicted"] == 400
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -270,3 +280,4 @@ def test_launch_torchrun_serves_from_rank_0(tmp_path):
             proc.kill()
             out, _ = proc.communicate()
     assert "tensor-parallel rank 1/2 ready" in out
+    assert "tensor-parallel rank 1 stopped after" in out, out[-3000:]
