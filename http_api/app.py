@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from grpc_api.server import GrpcServer, TlsFiles, start_grpc
 from http_api import completion, embeddings, infill, llama_routes, metrics, openai_routes
-from http_api.errors import APIError, error_response, install
+from http_api.errors import APIError, CatchAll, error_response, install
 from http_api.pages import WEBUI_DIR, Pages
 from http_api.state import ServerState
 from runtime.async_engine import AsyncEngine
@@ -199,6 +199,7 @@ def create_app(state: ServerState) -> FastAPI:
     # The web page answers where no route does: --path's files, else the bundled UI.
     pages = Pages(state.settings.static_path or WEBUI_DIR, app.router.routes)
     app.router.default = pages
+    app.add_middleware(CatchAll)  # innermost: a route's fault is its 500, the connection stays
     app.add_middleware(Gate, state=state, pages=pages)
     app.add_middleware(
         CORSMiddleware,

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runtime.errors import (
     EngineError,
@@ -127,6 +128,36 @@ class JSON(Response):
 
     def render(self, content: Any) -> bytes:
         return dumps(content).encode("utf-8")
+
+
+class CatchAll:
+    """An unexpected exception in a route becomes its 500 here, and the connection stays open.
+
+    Starlette's own last-resort handler sends the same 500 but then re-raises, and uvicorn
+    closes the keep-alive connection. A response already started (a stream) cannot be
+    replaced: then the exception goes on, and the connection ends as it must.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            if started:
+                raise
+            await error_response(exc)(scope, receive, send)
 
 
 def install(app: FastAPI) -> None:

@@ -1,5 +1,8 @@
 """Client mistakes get a 4xx in the OpenAI error shape (never a 5xx), disabled routes a 501, and the server keeps serving."""
 
+import json
+import socket
+
 import httpx
 import pytest
 
@@ -10,7 +13,7 @@ LIMIT = 64 << 10
 
 
 @pytest.fixture(scope="module")
-def client(llama3_tiny_path):
+def server(llama3_tiny_path):
     settings = ServerSettings(
         model=str(llama3_tiny_path),
         n_threads=1,
@@ -20,8 +23,13 @@ def client(llama3_tiny_path):
         max_body_bytes=LIMIT,
     )
     with LiveServer(settings) as srv:
-        with httpx.Client(base_url=srv.url, timeout=60) as c:
-            yield c
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
 
 
 @pytest.fixture(autouse=True)
@@ -243,3 +251,40 @@ def test_a_rejected_stream_is_a_plain_json_400(client):
         },
     )
     assert_error(r, 400)
+
+
+def test_a_server_fault_is_a_500_on_a_connection_that_stays_open(server, client):
+    """An unexpected exception: the OpenAI-shaped 500, and the keep-alive connection serves on."""
+
+    @server.app.get("/test-fault")
+    async def fault() -> None:
+        raise RuntimeError("a bug")
+
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        replies = []
+        for path in ("/test-fault", "/health"):
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            replies.append(_read_response(sock))
+    (status, body), (status2, _) = replies
+    assert status == 500 and json.loads(body)["error"] == {
+        "code": 500, "message": "internal error: RuntimeError", "type": "server_error",
+    }  # fmt: skip
+    assert status2 == 200  # the same socket: not closed after the fault
+
+
+def _read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """One HTTP/1.1 response with a Content-Length from the socket: (status, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, "the server closed the connection"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    length = int(next(v for k, _, v in (h.partition(": ") for h in lines[1:]) if k.lower() == "content-length"))
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        assert chunk, "the server closed the connection"
+        body += chunk
+    return int(lines[0].split()[1]), body
