@@ -20,11 +20,10 @@ from runtime.pooling import accumulate, pooled
 from runtime.request import TokenLogprob
 from runtime.sampler import SampleRow, SamplerVocab, new_sampler_state, sample
 from runtime.scheduler import SampledToken, SchedulerOutput
+from runtime.step_message import Move
 
 log = logging.getLogger(__name__)
 
-# A context shift's KV move: source slots, destination slots, position delta.
-Move = tuple[tuple[int, ...], tuple[int, ...], int]
 
 # Steps of at most this many tokens run torch on one thread when the kernels have their own.
 SMALL_STEP = 16

@@ -16,7 +16,8 @@ Megatron-style sharding of every layer across `world` ranks:
 
 Rank 0 runs the APIs, the scheduler and the sampler and broadcasts each step (the
 ForwardBatch and the context shift's KV moves) to the other ranks, which run the same
-forward in `runtime/tp_worker.py`; a None message stops them.
+forward in `runtime/tp_worker.py`; a None message stops them. Each message travels as
+two int64 tensors (runtime/step_message.py).
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from runtime import step_message
 from runtime.config import ModelConfig
 from runtime.errors import GGUFServeError
 from runtime.gguf.quants import quant_type
 from runtime.layers.linear import QuantWeight, Weight
 from runtime.models.transformer import WeightSource
+from runtime.step_message import Message
 
 
 class TensorParallelError(GGUFServeError, ValueError):
@@ -175,7 +178,7 @@ class Parallel:
         self.rank = rank
         self.world = world
         self.device = device
-        # Step messages are Python objects: they travel over a gloo group of their own on every
+        # Step messages are CPU tensors: they travel over a gloo group of their own on every
         # backend, so that the stop message (sent from another thread) never interleaves with
         # a step's all-reduces.
         self._cpu_group: Any = dist.new_group(backend="gloo")
@@ -192,20 +195,26 @@ class Parallel:
         dist.all_reduce(x)
         return x
 
-    def send(self, msg: Any) -> None:
+    def send(self, msg: Message) -> None:
         """Rank 0: broadcast one step's message to every rank (None stops them)."""
         assert self.is_driver
+        header, payload = step_message.pack(msg)
         with self._lock:
             if self._stopped:
                 raise TensorParallelError("the tensor-parallel workers have been stopped")
             self._stopped = msg is None
-            dist.broadcast_object_list([msg], src=0, group=self._cpu_group)
+            dist.broadcast(header, src=0, group=self._cpu_group)
+            if payload.numel():
+                dist.broadcast(payload, src=0, group=self._cpu_group)
 
-    def receive(self) -> Any:
+    def receive(self) -> Message:
         """Ranks > 0: the next message rank 0 sent."""
-        box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0, group=self._cpu_group)
-        return box[0]
+        header = torch.empty(step_message.HEADER, dtype=torch.int64)
+        dist.broadcast(header, src=0, group=self._cpu_group)
+        payload = torch.empty(step_message.payload_size(header), dtype=torch.int64)
+        if payload.numel():
+            dist.broadcast(payload, src=0, group=self._cpu_group)
+        return step_message.unpack(header, payload)
 
     def stop(self) -> None:
         """Rank 0: tell the workers to leave their loop (once; later calls do nothing)."""

@@ -152,15 +152,15 @@ def _prompts(vocab: int, seed: int = 0) -> list[list[int]]:
     return [[1] + [rng.randrange(3, vocab) for _ in range(n)] for n in (5, 23, 40)]
 
 
-def _one_process(path, prompts) -> list[list[int]]:
-    engine = Engine(EngineConfig(model_path=str(path), n_ctx=1024), load_model(path))
+def _one_process(path, prompts, n_predict=N_PREDICT, n_ctx=1024) -> list[list[int]]:
+    engine = Engine(EngineConfig(model_path=str(path), n_ctx=n_ctx), load_model(path))
     return engine.generate(
-        prompts, SamplingParams(temperature=0.0, n_predict=N_PREDICT, ignore_eos=True)
+        prompts, SamplingParams(temperature=0.0, n_predict=n_predict, ignore_eos=True)
     )
 
 
-def _two_processes(path, prompts) -> dict:
-    out = spawn([str(path), json.dumps(prompts), str(N_PREDICT)], world=2)
+def _two_processes(path, prompts, n_predict=N_PREDICT, n_ctx=1024) -> dict:
+    out = spawn([str(path), json.dumps(prompts), str(n_predict), str(n_ctx)], world=2)
     assert out[1] == ""  # rank 1 follows; only rank 0 answers
     return json.loads(out[0])
 
@@ -188,6 +188,16 @@ def test_two_processes_generate_what_one_does(tmp_path, arch, qtype, kw):
     got = out["ids"]
     assert got == expected
     assert all(len(ids) == N_PREDICT for ids in got)
+
+
+def test_two_processes_shift_the_context_as_one_does(tmp_path):
+    """A model with a 64-token context filled twice over: the KV moves of each context
+    shift (the pool has room for them) reach rank 1."""
+    path = write_tiny_gguf(tmp_path / "llama.gguf", "llama", "Q8_0", context_length=64)
+    prompt = _prompts(512)[2]  # 41 tokens
+    expected = _one_process(path, [prompt], n_predict=90)
+    got = _two_processes(path, [prompt], n_predict=90)["ids"]
+    assert got == expected and len(got[0]) == 90
 
 
 def test_two_processes_on_the_default_model(default_model_path):

@@ -75,8 +75,9 @@ def main(argv: list[str]) -> int:
     from runtime.tp_worker import run_worker
 
     model, prompts, n_predict = argv[0], json.loads(argv[1]), int(argv[2])
+    n_ctx = int(argv[3]) if len(argv) > 3 else 1024
     par = parallel.from_env("cpu")
-    cfg = EngineConfig(model_path=model, n_ctx=1024, n_threads=1)
+    cfg = EngineConfig(model_path=model, n_ctx=n_ctx, n_threads=1)
     loaded = load_model(model, parallel=par)
     if par is not None and not par.is_driver:
         run_worker(loaded, cfg)

@@ -1,0 +1,79 @@
+"""One tensor-parallel step (the KV moves and the ForwardBatch rank 0 sends) packed into int64 tensors.
+
+Rank 0 broadcasts each step to the other ranks. As pickled Python objects (torch's
+broadcast_object_list) a decode step's message cost ~2 ms under gloo, most of it
+pickling five small tensors; packed, it is two tensor broadcasts: a fixed header
+that sizes the payload, then the payload.
+
+Header (HEADER,): kind (0 stop, 1 moves only, 2 moves and a batch), T tokens, B
+sequences, M blocks per table, N logits rows, K moves, the payload's length.
+Payload: token_ids, positions, slot_mapping (T each), block_tables (B * M), the
+sequences' (start, n_new, n_ctx) (B * 3), logits_indices (N), then per move its
+length L, its delta, and its L source and L destination slots.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.forward_batch import ForwardBatch, SeqSlice
+
+HEADER = 7
+Move = tuple[tuple[int, ...], tuple[int, ...], int]
+Message = tuple[list[Move], ForwardBatch | None] | None
+
+STOP, MOVES, STEP = 0, 1, 2
+
+
+def pack(msg: Message) -> tuple[torch.Tensor, torch.Tensor]:
+    """(header (HEADER,), payload) int64 CPU tensors for `msg` (None: the stop message)."""
+    if msg is None:
+        return torch.zeros(HEADER, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
+    moves, batch = msg
+    flat: list[int] = []
+    for src, dst, delta in moves:
+        assert len(src) == len(dst), "a move pairs each source slot with a destination"
+        flat += [len(src), delta, *src, *dst]
+    tail = torch.tensor(flat, dtype=torch.int64)
+    if batch is None:
+        return torch.tensor([MOVES, 0, 0, 0, 0, len(moves), tail.numel()], dtype=torch.int64), tail
+    b = batch.to("cpu")
+    seqs = torch.tensor([[s.start, s.n_new, s.n_ctx] for s in b.seqs], dtype=torch.int64).reshape(-1)
+    parts = [b.token_ids, b.positions, b.slot_mapping, b.block_tables.reshape(-1), seqs, b.logits_indices, tail]
+    payload = torch.cat([p.to(torch.int64) for p in parts])
+    t, (nb, m), n = b.num_tokens, b.block_tables.shape, b.logits_indices.numel()
+    return torch.tensor([STEP, t, nb, m, n, len(moves), payload.numel()], dtype=torch.int64), payload
+
+
+def payload_size(header: torch.Tensor) -> int:
+    return int(header[6])
+
+
+def unpack(header: torch.Tensor, payload: torch.Tensor) -> Message:
+    """The message `pack` made of these tensors."""
+    kind, t, nb, m, n, k, _ = (int(v) for v in header.tolist())
+    if kind == STOP:
+        return None
+    at = 0
+
+    def take(count: int) -> torch.Tensor:
+        nonlocal at
+        part = payload[at : at + count]
+        at += count
+        return part
+
+    batch = None
+    if kind == STEP:
+        ids, pos, slots = take(t), take(t), take(t)
+        tables = take(nb * m).reshape(nb, m)
+        seqs = tuple(SeqSlice(*row) for row in take(nb * 3).reshape(nb, 3).tolist())
+        batch = ForwardBatch(ids, pos, slots, tables, seqs, take(n))
+    rest = take(payload.numel() - at).tolist()
+    moves: list[Move] = []
+    i = 0
+    for _ in range(k):
+        length, delta = rest[i], rest[i + 1]
+        src, dst = rest[i + 2 : i + 2 + length], rest[i + 2 + length : i + 2 + 2 * length]
+        moves.append((tuple(src), tuple(dst), delta))
+        i += 2 + 2 * length
+    return moves, batch
