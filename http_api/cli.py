@@ -33,6 +33,7 @@ class ServerSettings:
     weights: str = "quant"
     use_mmap: bool = True  # quant weights as views of the file's memory map (--no-mmap: copies)
     mlock: bool = False  # keep the weights' pages in RAM
+    warmup: bool = True  # run a short prompt through the model before serving (llama.cpp's --warmup)
     shutdown_timeout: float = 30.0  # SIGTERM: seconds requests in flight get before they are aborted
     gemm_dtype: str = "bfloat16"
     head_dtype: str = "auto"  # the output head's products: bfloat16 or float32 (auto: bfloat16 for a quantized CPU head)
@@ -94,6 +95,8 @@ _FLAGS: list[_Flag] = [
     (_COMMON, ("-np", "--parallel"), dict(type=int, default=4, metavar="N", help="number of slots: parallel requests (default: 4)")),
     (_COMMON, ("-cb", "--cont-batching"), dict(action="store_true", help="continuous batching (always on)")),
     (_COMMON, ("-nocb", "--no-cont-batching"), dict(action="store_true", default=None, help="(not supported)")),
+    (_COMMON, ("--warmup",), dict(dest="warmup", action="store_true", default=True, help="run a short prompt through the model before serving (default)")),
+    (_COMMON, ("--no-warmup",), dict(dest="warmup", action="store_false", help="serve without the warm-up run")),
     (_COMMON, ("--mlock",), dict(action="store_true", help="keep the model's pages in RAM (mlock; a warning if the limit refuses)")),
     (_COMMON, ("--no-mmap",), dict(action="store_true", help="copy the quantized weights into memory instead of mapping the file")),
     (_COMMON, ("--numa",), dict(metavar="TYPE", help="NUMA optimizations (not supported yet)")),
@@ -233,6 +236,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
         dtype=a.dtype,
         weights=a.weights,
         use_mmap=not a.no_mmap,
+        warmup=a.warmup,
         mlock=a.mlock,
         gemm_dtype=a.gemm_dtype,
         head_dtype=a.head_dtype,

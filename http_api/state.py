@@ -107,7 +107,10 @@ def load_engine(settings: ServerSettings) -> Engine:
     """The real loader: resolve the model path, read the file, size the KV pool, build the engine."""
     from runtime.engine import Engine
 
-    return Engine(*_load(settings))
+    engine = Engine(*_load(settings))
+    if settings.warmup:  # before /health turns 200, as llama.cpp's server does
+        log.info("warmed up in %.2f s (--no-warmup skips it)", engine.warm_up())
+    return engine
 
 
 def serve_tensor_parallel_rank(settings: ServerSettings) -> int:

@@ -260,6 +260,20 @@ class Engine:
                 out[o.request_id].extend(o.new_token_ids)
         return [out[r] for r in rids]
 
+    def warm_up(self, prompt_tokens: int = 24) -> float:
+        """A short prompt and a one-token step through the model before serving, as llama.cpp
+        warms up: first-use costs land here instead of on the first request. Nothing stays
+        behind (no cache entries, counters or slot state). Returns the seconds it took."""
+        t0 = time.perf_counter()
+        first = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0
+        for n in (max(1, min(prompt_tokens, self.max_seq_len - 1)), 1):  # the GEMM path, then the row kernels
+            blocks = self.blocks.allocate(self.blocks.blocks_needed(n, 0))
+            try:
+                self.runner.score([first] * n, blocks)
+            finally:
+                self.blocks.free(blocks)
+        return time.perf_counter() - t0
+
     @property
     def num_queued(self) -> int:
         """Waiting requests beyond the idle slots (those the next step cannot admit)."""

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -37,7 +38,8 @@ def test_defaults_are_llama_cpp_s():
         600,
         None,
     )
-    assert s.slots and not s.metrics and s.api_keys == () and s.n_batch == 512
+    assert s.slots and not s.metrics and s.api_keys == () and s.n_batch == 512 and s.warmup
+    assert not parse_args(["--no-warmup"]).warmup and parse_args(["--no-warmup", "--warmup"]).warmup
 
 
 def test_flags_map_to_settings(tmp_path, llama3_tiny_path):
@@ -389,3 +391,21 @@ def test_default_model_end_to_end(default_model_path):
         )
         assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] <= 4
     assert sys.modules["http_api.state"].ServerState  # the module stayed importable after shutdown
+
+
+def test_warm_up_runs_before_serving_and_leaves_nothing_behind(llama3_tiny_path, caplog):
+    """llama.cpp's warm-up: the model runs before /health is 200; no counters, cache or slot state remain."""
+    from http_api.state import load_engine
+
+    settings = ServerSettings(model=str(llama3_tiny_path), n_ctx=256, n_parallel=2)
+    with caplog.at_level(logging.INFO, logger="gguf_serve"):
+        engine = load_engine(settings)
+    assert any("warmed up in" in r.getMessage() for r in caplog.records)
+    stats = engine.stats()
+    assert (stats.prompt_tokens_total, stats.generation_tokens_total, stats.steps_total) == (0, 0, 0)
+    assert engine.num_free_blocks == engine.blocks.num_blocks and stats.kv_cache_tokens == 0
+    assert all(not t for t in engine.scheduler.slot_tokens.values())
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gguf_serve"):
+        load_engine(replace(settings, warmup=False))
+    assert not any("warmed up" in r.getMessage() for r in caplog.records)
