@@ -20,7 +20,7 @@ from runtime.layers.linear import QuantWeight, Weight
 from runtime.memory_lock import lock_all_current, lock_region, locked_bytes
 from runtime.models import model_config
 from runtime.models.transformer import Transformer
-from runtime.parallel import Parallel, Shard
+from runtime.parallel import Cut, Parallel, Shard, slice_weight
 from runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -106,12 +106,35 @@ def load_model(
     used: set[str] = set()
     resident = 0
 
-    def get(name: str, shape: tuple[int, ...]) -> Weight:
+    def get(name: str, shape: tuple[int, ...], cut: Cut | None = None) -> Weight:
+        """The tensor at its full `shape` (checked), or this tensor-parallel rank's `cut` of it."""
         nonlocal resident
         t = f.tensor(name)
         if tuple(t.shape) != shape:
             raise GGUFError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape}")
         used.add(name)
+        dense_only = not quant or t.qtype.name in _DENSE_TYPES
+        if cut is not None and len(shape) == 2 and (cut.dim == 0 or not dense_only or _on_blocks(t.qtype, cut)):
+            # Cut from the file's blocks (a view of the map, or whole block columns) before
+            # anything reaches a device or is dequantized: only the shard travels. (A dense
+            # weight whose column cut falls inside a block is dequantized whole, then cut.)
+            whole = _blocks(name, t.data, t.qtype, shape, torch.device("cpu"), copy=False)
+            part = slice_weight(name, whole, cut)
+            assert isinstance(part, QuantWeight)
+            device = devices.of_tensor(name)
+            if not dense_only:
+                data = part.data.to(device)
+                if not use_mmap and cut.dim == 0 and device.type == "cpu":  # rows are a view of the map
+                    data = data.clone()
+                w = QuantWeight(data, part.qtype, part.shape)
+                resident += w.nbytes
+                return w
+            out_dtype = torch.float32 if name.endswith("norm.weight") else dtype
+            out = dequantize(part.data.numpy(), t.qtype, part.shape, dtype=out_dtype, device=device)
+            resident += out.numel() * out.element_size()
+            return out
+        if cut is not None:  # a bias, or a dense column cut inside blocks: read whole, then cut
+            return slice_weight(name, get(name, shape), cut)
         if quant and len(shape) == 2 and t.qtype.name not in _DENSE_TYPES:
             w = _blocks(name, t.data, t.qtype, shape, devices.of_tensor(name), copy=not use_mmap)
             resident += w.nbytes
@@ -153,6 +176,12 @@ def load_for(cfg: EngineConfig, parallel: Parallel | None = None) -> LoadedModel
     return load_model(
         cfg.model_path, cfg.torch_dtype, cfg.device, cfg.weights, cfg.use_mmap, cfg.mlock, parallel, cfg.n_gpu_layers
     )
+
+
+def _on_blocks(qtype: object, cut: Cut) -> bool:
+    """Whether a column cut falls on whole blocks of the type."""
+    bs = quant_type(qtype).block_size  # type: ignore[arg-type]
+    return cut.lo % bs == 0 and cut.hi % bs == 0
 
 
 def _blocks(

@@ -26,6 +26,7 @@ import dataclasses
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,10 @@ class Cut:
     lo: int
     hi: int
     full: int
+
+
+# The loader's reader under tensor parallelism: (name, full shape, this rank's cut or None) -> weight.
+ShardSource = Callable[[str, tuple[int, ...], Cut | None], Weight]
 
 
 # GGUF per-layer tensor suffix -> (dimension, what it is cut by)
@@ -132,19 +137,20 @@ class Shard:
         }[by]
         return Cut(dim, heads[0] * width, heads[1] * width, n * width)
 
-    def source(self, get: WeightSource, cfg: ModelConfig) -> WeightSource:
+    def source(self, get: ShardSource, cfg: ModelConfig) -> WeightSource:
         """Wrap the loader's `get` so that a model built with `self.config(cfg)` receives its shards.
 
-        The model asks for its local shapes; the file is read (and checked) at full shape.
+        The model asks for its local shapes; the file's tensor is checked at full shape and
+        the loader cuts this rank's part (get(name, full_shape, cut)).
         """
 
         def get_shard(name: str, shape: tuple[int, ...]) -> Weight:
             c = self.cut(name, cfg)
             if c is None:
-                return get(name, shape)
+                return get(name, shape, None)
             assert shape[c.dim] == c.hi - c.lo, (name, shape, c)
             full = tuple(c.full if d == c.dim else s for d, s in enumerate(shape))
-            return slice_weight(name, get(name, full), c)
+            return get(name, full, c)
 
         return get_shard
 

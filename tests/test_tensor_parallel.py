@@ -113,6 +113,42 @@ def test_quantized_shards_are_whole_blocks(qtype, k, world):
     assert isinstance(rows, QuantWeight) and torch.equal(rows.data, raw[2:4])
 
 
+_GGUF_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
+               "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}  # fmt: skip
+
+
+@pytest.mark.parametrize("weights", ["quant", "dense"])
+@pytest.mark.parametrize(("qtype", "head_dim"), [("Q4_K", 128), ("Q4_K", 64), ("Q8_0", 64), ("F16", 64)])
+def test_a_rank_loads_the_slice_of_the_whole(tmp_path, weights, qtype, head_dim):
+    """The loader cuts a rank's rows or block columns from the file before placing or
+    dequantizing them: the result is the slice of the whole model's weight. (With 64-wide
+    heads, attn_output's 256-value Q4_K rows cannot be cut on blocks: dense weights are
+    then dequantized whole and cut; blocks are refused.)"""
+    from types import SimpleNamespace
+
+    path = write_tiny_gguf(tmp_path / "m.gguf", "llama", qtype, head_dim=head_dim)
+    if (qtype, head_dim, weights) == ("Q4_K", 64, "quant"):
+        par = SimpleNamespace(rank=0, world=2, device=torch.device("cpu"), all_reduce=lambda x: x)
+        with pytest.raises(TensorParallelError, match="whole 256-value blocks"):
+            load_model(path, weights=weights, parallel=par)  # type: ignore[arg-type]
+        return
+    whole = load_model(path, weights=weights)
+    for rank in range(2):
+        par = SimpleNamespace(rank=rank, world=2, device=torch.device("cpu"), all_reduce=lambda x: x)
+        part = load_model(path, weights=weights, parallel=par)  # type: ignore[arg-type]
+        shard = Shard.of(whole.config, rank, 2)
+        for i, (a, b) in enumerate(zip(part.model.layers, whole.model.layers)):
+            for attr, gguf in _GGUF_NAMES.items():
+                cut = shard.cut(f"blk.{i}.{gguf}.weight", whole.config)
+                assert cut is not None
+                got, want = getattr(a, attr).weight, slice_weight("x", getattr(b, attr).weight, cut)
+                if isinstance(want, QuantWeight):
+                    assert isinstance(got, QuantWeight) and got.shape == want.shape
+                    assert torch.equal(got.data, want.data), (rank, i, attr)
+                else:
+                    assert torch.equal(got, want), (rank, i, attr)
+
+
 def test_a_split_inside_a_block_is_refused():
     qt = quant_type(GGMLQuantizationType.Q4_K)
     w = QuantWeight(
