@@ -64,6 +64,17 @@ def test_qmatmul_matches_reference(qt, isa):
 @pytest.mark.parametrize("qt", TYPES, ids=lambda q: q.name)
 def test_qmatmul_bf16_matches_reference(qt, isa):
     """bfloat16 operands, float32 sums: only the order of the sums may differ from the reference."""
+    kernels = load()
+    # the AVX512-BF16 kernel where this build and CPU have it, and the other path of the same build
+    for native in [True, False] if kernels.bf16_dot() else [False]:
+        kernels.allow_bf16_dot(native)
+        try:
+            _check_qmatmul_bf16(qt)
+        finally:
+            kernels.allow_bf16_dot(True)
+
+
+def _check_qmatmul_bf16(qt: T) -> None:
     k = 512 if GGML_QUANT_SIZES[qt][0] == 256 else 96
     w = weight(qt, 45, k, seed=2)
     wr = reference.dequantize(w, int(qt), k).bfloat16().double()

@@ -131,6 +131,11 @@ const std::vector<Kernels>& all_kernels() {
 
 const Kernels& kernels() { return all_kernels()[(size_t)g_choice.load(std::memory_order_relaxed)]; }
 
+// Tests turn the AVX512-BF16 kernel off to run the AVX-512 build's other path (CPUs without it).
+std::atomic<bool> g_bf16_dot_allowed{true};
+
+bool use_bf16_dot() { return kernels().bf16_dot && g_bf16_dot_allowed.load(std::memory_order_relaxed); }
+
 // Tests run every build the machine supports; returns the names of those.
 std::vector<std::string> use_isa(const std::string& name) {
     const auto& all = all_kernels();
@@ -256,11 +261,12 @@ torch::Tensor qmatmul_bf16(const torch::Tensor& x_in, const torch::Tensor& w, in
     const float* xrp = xr.data_ptr<float>();
     float* yp = y.data_ptr<float>();
     const Kernels& kn = kernels();
+    const bool dot = use_bf16_dot();
     std::atomic<bool> ok{true};
     parallel_rows(n, k * t, [&](int64_t r0, int64_t r1) {
         thread_local std::vector<float> buf;
         buf.resize(k);
-        if (!kn.matvec_bf16((int)qtype, wp, row_bytes, xrp, xbp, yp, t, n, k, r0, r1, buf.data(), kn.bf16_dot))
+        if (!kn.matvec_bf16((int)qtype, wp, row_bytes, xrp, xbp, yp, t, n, k, r0, r1, buf.data(), dot))
             ok = false;
     });
     TORCH_CHECK(ok, "no CPU kernel for GGUF tensor type ", qtype);
@@ -275,7 +281,9 @@ torch::Tensor dequantize(const torch::Tensor& w, int64_t qtype, int64_t k) {
 
 std::string isa() { return kernels().isa; }
 
-bool bf16_dot() { return kernels().bf16_dot; }
+bool bf16_dot() { return use_bf16_dot(); }
+
+void allow_bf16_dot(bool on) { g_bf16_dot_allowed.store(on); }
 
 void set_gemm_bf16(bool on) { g_gemm_bf16.store(on); }
 
@@ -294,6 +302,7 @@ TORCH_LIBRARY_IMPL(gguf_serve, CPU, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("isa", &isa, "the instruction set the kernels were picked for");
     m.def("bf16_dot", &bf16_dot, "whether qmatmul_bf16 runs on the CPU's bfloat16 dot-product instructions");
+    m.def("allow_bf16_dot", &allow_bf16_dot, "let qmatmul_bf16 use them where the CPU has them (for tests)");
     m.def("use_isa", &use_isa, "pick a build by name (for tests); returns the runnable ones");
     m.def("set_gemm_bf16", &set_gemm_bf16, "large-batch GEMMs on the bfloat16 units, float32 accuracy");
     m.def("gemm_bf16", &gemm_bf16, "whether set_gemm_bf16 is on");
