@@ -94,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(settings.log_format, settings.log_disable)
 
     from runtime import parallel
+    from runtime.allocator import keep_freed_memory
+
+    keep_freed_memory()  # before the model's memory is allocated
 
     try:  # under torchrun: join the group; rank 0 serves, the others follow it
         par = parallel.from_env(settings.device, settings.main_gpu, settings.tensor_split)

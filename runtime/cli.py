@@ -46,9 +46,12 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from runtime.allocator import keep_freed_memory
     from runtime.default_model import default_model_path
     from runtime.engine import Engine
     from runtime.tokenizer import IncrementalDetokenizer
+
+    keep_freed_memory()
 
     path = args.model or str(default_model_path())
     cfg = EngineConfig(

@@ -172,6 +172,9 @@ def main() -> int:
         help="only measure constrained decoding at these batch sizes (e.g. 1,8): mask cost per step",
     )
     args = ap.parse_args()
+    from runtime.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the server does
 
     from runtime.default_model import default_model_path
 
