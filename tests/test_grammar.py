@@ -360,3 +360,14 @@ def test_unknown_formats_are_ignored_as_llama_cpp_does(tok, cache, short):
     assert m is not None
     out, finished = walk(m, tok, short, 1)
     assert finished and isinstance(json.loads(out)["u"], str)
+
+
+def test_a_grammar_whose_first_mask_is_slow_is_refused(tok):
+    """A first mask is computed on the engine thread for every request using the grammar:
+    one that takes long (a lexer state for a million-character pattern) is a 400, not a stall."""
+    slow = {"type": "string", "pattern": "^(a{1000}){1000}$"}
+    c = GrammarCache(tok, first_mask_limit=0.05)
+    with pytest.raises(InvalidRequestError, match="too complex .* first token mask took"):
+        c.compile(SamplingParams(json_schema=slow))
+    c.compile(SamplingParams(json_schema={"type": "object", "properties": {"a": {"type": "integer"}}}))
+    assert len(c) == 1  # the refused one is not cached; an ordinary schema passes the same limit
