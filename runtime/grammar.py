@@ -82,7 +82,8 @@ class GrammarCache:
         self.tokenizer = tokenizer
         self.size = size
         self.first_mask_limit = first_mask_limit  # seconds; a slower grammar is refused
-        self._cache: OrderedDict[tuple[str, str], Grammar] = OrderedDict()
+        # compiled grammars, and the error of each refused one (a slow refusal is paid once)
+        self._cache: OrderedDict[tuple[str, str], Grammar | InvalidRequestError] = OrderedDict()
         self._lock = threading.Lock()  # the cache
         self._vocab_lock = threading.Lock()  # the vocabularies, built lazily (seconds) by the first compile
         self._pieces: list[bytes] | None = None
@@ -112,17 +113,25 @@ class GrammarCache:
             self.get(*key)
 
     def get(self, kind: str, text: str) -> Grammar:
+        key = (kind, text)
         with self._lock:
-            hit = self._cache.get((kind, text))
+            hit = self._cache.get(key)
             if hit is not None:
-                self._cache.move_to_end((kind, text))
+                self._cache.move_to_end(key)
+                if isinstance(hit, InvalidRequestError):  # refused before: as cheap to refuse again
+                    raise InvalidRequestError(str(hit))
                 return hit
         # Compiled outside the lock: one slow schema does not hold up the others (a race compiles twice).
-        grammar = self._gbnf(text) if kind == "gbnf" else self._schema(text)
+        try:
+            grammar: Grammar | InvalidRequestError = self._gbnf(text) if kind == "gbnf" else self._schema(text)
+        except InvalidRequestError as e:
+            grammar = e
         with self._lock:
-            self._cache[(kind, text)] = grammar
+            self._cache[key] = grammar
             while len(self._cache) > self.size:
                 self._cache.popitem(last=False)
+        if isinstance(grammar, InvalidRequestError):
+            raise InvalidRequestError(str(grammar))
         return grammar
 
     def __len__(self) -> int:

@@ -370,4 +370,8 @@ def test_a_grammar_whose_first_mask_is_slow_is_refused(tok):
     with pytest.raises(InvalidRequestError, match="too complex .* first token mask took"):
         c.compile(SamplingParams(json_schema=slow))
     c.compile(SamplingParams(json_schema={"type": "object", "properties": {"a": {"type": "integer"}}}))
-    assert len(c) == 1  # the refused one is not cached; an ordinary schema passes the same limit
+    assert len(c) == 2  # the refusal is kept (a second ask costs nothing); an ordinary schema passes
+    c._schema = lambda text: pytest.fail("a refused schema was compiled again")  # type: ignore[method-assign]
+    with pytest.raises(InvalidRequestError, match="too complex"):
+        c.compile(SamplingParams(json_schema=slow))
+    assert c.get("gbnf", 'root ::= "a"').matcher() is not None
