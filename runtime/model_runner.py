@@ -82,9 +82,10 @@ class ModelRunner:
         want = [s.sample and s.request.pooling is None for s in sched.seqs]
         batch = ForwardBatch.build(new_tokens, computed, tables, self.block_size, want, self.device)
         hidden = self.forward(moves, batch)  # (T, hidden)
+        last = hidden[batch.logits_indices]  # (N, hidden): the rows that sample
         with self._gemm_precision():
             pooled = self._pool(sched, batch, hidden)
-            logits = self.model.logits(hidden[batch.logits_indices]) if any(want) else None
+            logits = self.model.logits(last) if any(want) else None
         rows = []
         for s, w in zip(sched.seqs, want):
             if not w:
@@ -96,7 +97,7 @@ class ModelRunner:
             rows.append(
                 SampleRow(req.sampler_state, req.output_token_ids, req.logits_processors, req.grammar)
             )
-        picked = iter(self._sample(hidden[batch.logits_indices], logits, rows) if logits is not None else [])
+        picked = iter(self._sample(last, logits, rows) if logits is not None else [])
         out: list[SampledToken | None] = []
         for i, w in enumerate(want):
             if w:
@@ -154,7 +155,7 @@ class ModelRunner:
         if not moves and batch is None:
             return torch.empty(0)
         if self.parallel is not None and self.parallel.is_driver:
-            self.parallel.send((moves, batch.to("cpu") if batch is not None else None))
+            self.parallel.send((moves, batch))  # packed on the CPU (runtime/step_message.py)
         for src, dst, delta in moves:  # context shifts: before anything this step writes
             s = torch.tensor(src, dtype=torch.int64, device=self.device)
             d = torch.tensor(dst, dtype=torch.int64, device=self.device)
