@@ -113,36 +113,25 @@ def load_model(
         if tuple(t.shape) != shape:
             raise GGUFError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape}")
         used.add(name)
-        dense_only = not quant or t.qtype.name in _DENSE_TYPES
-        if cut is not None and len(shape) == 2 and (cut.dim == 0 or not dense_only or _on_blocks(t.qtype, cut)):
+        raw: np.ndarray = np.asarray(t.data)
+        if cut is not None:
+            dense = not quant or t.qtype.name in _DENSE_TYPES
+            if len(shape) != 2 or (dense and cut.dim == 1 and not _on_blocks(t.qtype, cut)):
+                # a bias, or a dense column cut inside blocks: read whole, then cut
+                return slice_weight(name, get(name, shape), cut)
             # Cut from the file's blocks (a view of the map, or whole block columns) before
-            # anything reaches a device or is dequantized: only the shard travels. (A dense
-            # weight whose column cut falls inside a block is dequantized whole, then cut.)
-            whole = _blocks(name, t.data, t.qtype, shape, torch.device("cpu"), copy=False)
-            part = slice_weight(name, whole, cut)
+            # anything reaches a device or is dequantized: only the shard travels.
+            part = slice_weight(name, _blocks(name, raw, t.qtype, shape, torch.device("cpu"), copy=False), cut)
             assert isinstance(part, QuantWeight)
-            device = devices.of_tensor(name)
-            if not dense_only:
-                data = part.data.to(device)
-                if not use_mmap and cut.dim == 0 and device.type == "cpu":  # rows are a view of the map
-                    data = data.clone()
-                w = QuantWeight(data, part.qtype, part.shape)
-                resident += w.nbytes
-                return w
-            out_dtype = torch.float32 if name.endswith("norm.weight") else dtype
-            out = dequantize(part.data.numpy(), t.qtype, part.shape, dtype=out_dtype, device=device)
-            resident += out.numel() * out.element_size()
-            return out
-        if cut is not None:  # a bias, or a dense column cut inside blocks: read whole, then cut
-            return slice_weight(name, get(name, shape), cut)
+            raw, shape = part.data.numpy(), part.shape
         if quant and len(shape) == 2 and t.qtype.name not in _DENSE_TYPES:
-            w = _blocks(name, t.data, t.qtype, shape, devices.of_tensor(name), copy=not use_mmap)
+            w = _blocks(name, raw, t.qtype, shape, devices.of_tensor(name), copy=not use_mmap)
             resident += w.nbytes
             return w
         # Norm weights stay float32: rms_norm multiplies in float32 anyway.
         out_dtype = torch.float32 if name.endswith("norm.weight") else dtype
         try:
-            out = dequantize(t.data, t.qtype, shape, dtype=out_dtype, device=devices.of_tensor(name))
+            out = dequantize(raw, t.qtype, shape, dtype=out_dtype, device=devices.of_tensor(name))
         except GGUFError as e:  # name the tensor: the type or size is the file's problem
             raise type(e)(f"tensor {printable(name)}: {e}") from e
         resident += out.numel() * out.element_size()
