@@ -17,7 +17,6 @@ import ctypes
 import ctypes.util
 import logging
 import os
-import sys
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +31,7 @@ def keep_freed_memory() -> bool:
 
     GGUF_SERVE_MALLOC=default leaves malloc as it is.
     """
-    if os.environ.get("GGUF_SERVE_MALLOC", "") == "default" or not sys.platform.startswith("linux"):
-        return False
-    if not _glibc():
+    if os.environ.get("GGUF_SERVE_MALLOC", "") == "default" or not _glibc():
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     ok = bool(libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(KEEP_BYTES))) and bool(
@@ -46,6 +43,7 @@ def keep_freed_memory() -> bool:
 
 
 def _glibc() -> bool:
+    """Whether this process runs on glibc (elsewhere confstr has no such name: ValueError)."""
     try:
         return os.confstr("CS_GNU_LIBC_VERSION") is not None
     except (ValueError, OSError):

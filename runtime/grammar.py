@@ -14,8 +14,9 @@ free-form objects took 72 s, which any client could have asked for.
 JSON output follows llama.cpp's json-schema-to-grammar: ", " and ": " separators with
 no free whitespace (a sampler cannot wander in it), unknown `format`s ignored
 (llguidance's lenient mode), and integers and numbers without bounds get 16 integral
-digits at most (llguidance's bounds are float64: |x| <= 2**53 - 1, 16 digits). An unconstrained schema ({} or {"type": "object"}, also OpenAI's
-json_object) takes our JSON GBNF grammar, whose whitespace may hold newlines.
+digits at most (llguidance's bounds are float64: |x| <= 2**53 - 1, 16 digits). An
+unconstrained schema ({} or {"type": "object"}, also OpenAI's json_object) takes our
+JSON GBNF grammar, whose whitespace may hold newlines.
 
 `GrammarCache` compiles (off the engine thread: AsyncEngine calls it through
 asyncio.to_thread) and keeps the last compiled grammars by text; an invalid
@@ -227,10 +228,10 @@ class _Vocab:
 def as_llama_cpp(schema: Any) -> Any:
     """A copy of the schema as llama.cpp's json-schema-to-grammar reads it.
 
-    Every integer or number without a lower or upper bound gets one of 16 integral digits,
-    as llama.cpp bounds them (unbounded, a sampler can run on in digits until n_predict). An object with
-    `properties` and nothing said of others allows only those (JSON Schema would allow
-    any other key; llama.cpp and OpenAI's structured outputs do not).
+    Every integer or number without a lower or upper bound gets one of 16 integral
+    digits, as llama.cpp bounds them (unbounded, a sampler can run on in digits until
+    n_predict). An object with `properties` and nothing said of others allows only those
+    (JSON Schema would allow any other key; llama.cpp and OpenAI's structured outputs do not).
     """
     if isinstance(schema, list):
         return [as_llama_cpp(s) for s in schema]
