@@ -210,6 +210,19 @@ torch::Tensor dequantize_rows(const torch::Tensor& w, int64_t qtype, int64_t k, 
     return y;
 }
 
+// fn(r0, r1, buf) over W's n rows on the kernel threads, buf holding k floats per thread;
+// fn returns false for a type without a kernel.
+template <typename F>
+void over_rows(int64_t n, int64_t k, int64_t t, int64_t qtype, const F& fn) {
+    std::atomic<bool> ok{true};
+    parallel_rows(n, k * t, [&](int64_t r0, int64_t r1) {
+        thread_local std::vector<float> buf;
+        buf.resize(k);
+        if (!fn(r0, r1, buf.data())) ok = false;
+    });
+    TORCH_CHECK(ok, "no CPU kernel for GGUF tensor type ", qtype);
+}
+
 }  // namespace
 
 // x (t, k) float32 @ W^T, W (n, row_bytes) GGUF blocks of `qtype` -> (t, n) float32.
@@ -237,13 +250,9 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& w, int64_t
     const float* xp = x.data_ptr<float>();
     float* yp = y.data_ptr<float>();
     const auto fn = kernels().matvec;
-    std::atomic<bool> ok{true};
-    parallel_rows(n, k * t, [&](int64_t r0, int64_t r1) {
-        thread_local std::vector<float> buf;
-        buf.resize(k);
-        if (!fn((int)qtype, wp, row_bytes, xp, yp, t, n, k, r0, r1, buf.data())) ok = false;
+    over_rows(n, k, t, qtype, [&](int64_t r0, int64_t r1, float* buf) {
+        return fn((int)qtype, wp, row_bytes, xp, yp, t, n, k, r0, r1, buf);
     });
-    TORCH_CHECK(ok, "no CPU kernel for GGUF tensor type ", qtype);
     return y;
 }
 
@@ -260,16 +269,11 @@ torch::Tensor qmatmul_bf16(const torch::Tensor& x_in, const torch::Tensor& w, in
     const uint16_t* xbp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
     const float* xrp = xr.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    const Kernels& kn = kernels();
+    const auto fn = kernels().matvec_bf16;
     const bool dot = use_bf16_dot();
-    std::atomic<bool> ok{true};
-    parallel_rows(n, k * t, [&](int64_t r0, int64_t r1) {
-        thread_local std::vector<float> buf;
-        buf.resize(k);
-        if (!kn.matvec_bf16((int)qtype, wp, row_bytes, xrp, xbp, yp, t, n, k, r0, r1, buf.data(), dot))
-            ok = false;
+    over_rows(n, k, t, qtype, [&](int64_t r0, int64_t r1, float* buf) {
+        return fn((int)qtype, wp, row_bytes, xrp, xbp, yp, t, n, k, r0, r1, buf, dot);
     });
-    TORCH_CHECK(ok, "no CPU kernel for GGUF tensor type ", qtype);
     return y;
 }
 
