@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.config import DTYPES, GEMM_DTYPES, HEAD_DTYPES, WEIGHTS
+from runtime.config import DECODE_DTYPES, DTYPES, GEMM_DTYPES, HEAD_DTYPES, WEIGHTS
 
 log = logging.getLogger("gguf_serve")
 
@@ -37,6 +37,7 @@ class ServerSettings:
     shutdown_timeout: float = 30.0  # SIGTERM: seconds requests in flight get before they are aborted
     gemm_dtype: str = "bfloat16"
     head_dtype: str = "auto"  # the output head's products: bfloat16 or float32 (auto: bfloat16 for a quantized CPU head)
+    decode_dtype: str = "float32"  # decode rows' products: float32, or int8 activations as llama.cpp's CPU kernels
     device: str = "cpu"
     n_gpu_layers: int | None = None  # -ngl: the last N layers on --device, the rest on the CPU; None: all
     main_gpu: int | None = None  # -mg: rank 0's GPU (rank r uses main_gpu + r)
@@ -138,6 +139,7 @@ _FLAGS: list[_Flag] = [
     (_OURS, ("--dtype",), dict(choices=sorted(DTYPES), default="float32", help="activation and dense weight dtype")),
     (_OURS, ("--gemm-dtype",), dict(choices=GEMM_DTYPES, default="bfloat16", help="prompt GEMMs of --weights quant on the CPU: bfloat16 runs them on the bfloat16 units at ~float32 accuracy (~2.5x faster with AVX512-BF16/AMX); float32: plain IEEE")),
     (_OURS, ("--head-dtype",), dict(choices=HEAD_DTYPES, default="auto", help="the output head's products (the logits): bfloat16 rounds the hidden state and the head's weights to bfloat16 and sums in float32 (~2.6x faster for batches with AVX512-BF16; llama.cpp's head quantizes activations to 8 bits); float32: exact; auto: bfloat16 for a quantized head on the CPU")),
+    (_OURS, ("--decode-dtype",), dict(choices=DECODE_DTYPES, default="float32", help="the layers' products for decode rows (a generated token fed back): int8 quantizes their activations per 32 values as llama.cpp's CPU kernels do (AVX512-VNNI dot products: the layers' share of a decode step ~1.8x faster); a request's tokens may then depend on its batch at near-ties; float32 (default): the same alone or batched")),
     (_OURS, ("--weights",), dict(choices=WEIGHTS, default="quant", help="quant: weights stay in GGUF blocks (quantized kernels); dense: dequantized to --dtype at load")),
     (_OURS, ("--grpc-port",), dict(type=int, default=50051, help="gRPC port beside HTTP, same engine (default: 50051; 0 disables)")),
     (_OURS, ("--no-http",), dict(dest="http", action="store_false", help="serve gRPC only")),
@@ -240,6 +242,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerSettings:
         mlock=a.mlock,
         gemm_dtype=a.gemm_dtype,
         head_dtype=a.head_dtype,
+        decode_dtype=a.decode_dtype,
         device=device,
         n_gpu_layers=n_gpu_layers,
         main_gpu=a.main_gpu,

@@ -84,6 +84,7 @@ def engine_config(settings: ServerSettings) -> EngineConfig:
         mlock=settings.mlock,
         gemm_dtype=settings.gemm_dtype,
         head_dtype=settings.head_dtype,
+        decode_dtype=settings.decode_dtype,
         embeddings=settings.embedding,
         pooling=settings.pooling,
         max_queue=settings.max_queue,

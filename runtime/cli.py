@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from runtime.config import DTYPES, GEMM_DTYPES, HEAD_DTYPES, WEIGHTS, EngineConfig
+from runtime.config import DECODE_DTYPES, DTYPES, GEMM_DTYPES, HEAD_DTYPES, WEIGHTS, EngineConfig
 from runtime.errors import GGUFServeError
 from runtime.sampling_params import SamplingParams
 
@@ -34,6 +34,10 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--head-dtype", choices=HEAD_DTYPES, default="auto",
         help="the output head's products: bfloat16 operands with float32 sums (auto: for a quantized head on the CPU) or float32",
+    )  # fmt: skip
+    p.add_argument(
+        "--decode-dtype", choices=DECODE_DTYPES, default="float32",
+        help="decode rows' products: float32, or int8 activations per 32 values as llama.cpp's CPU kernels (AVX512-VNNI: faster decode)",
     )  # fmt: skip
     p.add_argument(
         "--weights", choices=WEIGHTS, default="quant",
@@ -65,6 +69,7 @@ def _run(args: argparse.Namespace) -> int:
         weights=args.weights,
         gemm_dtype=args.gemm_dtype,
         head_dtype=args.head_dtype,
+        decode_dtype=args.decode_dtype,
     )
     params = SamplingParams(
         temperature=args.temp,

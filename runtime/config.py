@@ -144,6 +144,7 @@ class Metadata:
 WEIGHTS = ("quant", "dense")
 GEMM_DTYPES = ("float32", "bfloat16")
 HEAD_DTYPES = ("auto", "float32", "bfloat16")
+DECODE_DTYPES = ("float32", "int8")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -169,6 +170,11 @@ class EngineConfig:
     # activations to 8 bits); "float32": exact products; "auto": bfloat16 for a quantized
     # head on the CPU, float32 otherwise.
     head_dtype: str = "auto"
+    # The layers' products for decode rows (a generated token fed back): "int8" quantizes
+    # their activations per 32 values as llama.cpp's CPU kernels do (ops.qmatmul_q8: AVX512-VNNI
+    # dot products where the CPU has them). Prompt rows stay float, so a request's tokens may
+    # then depend on its batch at near-ties; "float32" keeps them the same alone or batched.
+    decode_dtype: str = "float32"
     n_ctx: int = 4096  # KV pool, in tokens (all slots share it)
     block_size: int = 16  # tokens per KV block
     n_parallel: int = 8  # slots: concurrent requests
@@ -192,6 +198,10 @@ class EngineConfig:
             raise InvalidRequestError(f"gemm_dtype must be one of {list(GEMM_DTYPES)}, got {self.gemm_dtype!r}")
         if self.head_dtype not in HEAD_DTYPES:
             raise InvalidRequestError(f"head_dtype must be one of {list(HEAD_DTYPES)}, got {self.head_dtype!r}")
+        if self.decode_dtype not in DECODE_DTYPES:
+            raise InvalidRequestError(
+                f"decode_dtype must be one of {list(DECODE_DTYPES)}, got {self.decode_dtype!r}"
+            )
         if self.weights not in WEIGHTS:
             raise InvalidRequestError(f"weights must be one of {list(WEIGHTS)}, got {self.weights!r}")
         for name in ("n_threads", "n_threads_batch"):

@@ -17,7 +17,7 @@ from runtime.forward_batch import ForwardBatch
 from runtime.kv_cache import KVCache
 from runtime.loader import LoadedModel
 from runtime.pooling import accumulate, pooled
-from runtime.request import TokenLogprob
+from runtime.request import Request, TokenLogprob
 from runtime.sampler import SampleRow, SamplerVocab, new_sampler_state, sample
 from runtime.scheduler import SampledToken, SchedulerOutput
 from runtime.step_message import Move
@@ -51,6 +51,10 @@ class ModelRunner:
         self.kernel_threads = loaded.weights == "quant" and self.device.type == "cpu"
         self.gemm_dtype = cfg.gemm_dtype  # the kernels' prompt GEMMs: IEEE or on the bfloat16 units
         self.head_dtype = self.model.set_head_dtype(cfg.head_dtype)  # "auto" resolved
+        # --decode-dtype int8: decode rows are laid out first in each batch (ForwardBatch.q8_rows).
+        # A row's kind, not the step's size, picks its numerics: a decode row computes the same
+        # beside other requests' prompts as alone.
+        self.decode_dtype = cfg.decode_dtype
 
     def _gemm_precision(self) -> AbstractContextManager[None]:
         """--gemm-dtype for this forward: it only concerns the quantized CPU kernels."""
@@ -80,7 +84,10 @@ class ModelRunner:
             tables.append(req.block_ids)
         # Embedding requests want no logits: their rows' hidden states are pooled instead.
         want = [s.sample and s.request.pooling is None for s in sched.seqs]
-        batch = ForwardBatch.build(new_tokens, computed, tables, self.block_size, want, self.device)
+        q8 = None
+        if self.decode_dtype == "int8":  # decode rows: the last generated token, fed back alone
+            q8 = [s.num_new == 1 and _feeds_output(s.request) for s in sched.seqs]
+        batch = ForwardBatch.build(new_tokens, computed, tables, self.block_size, want, self.device, q8)
         hidden = self.forward(moves, batch)  # (T, hidden)
         last = hidden[batch.logits_indices]  # (N, hidden): the rows that sample
         with self._gemm_precision():
@@ -204,3 +211,8 @@ class ModelRunner:
         hidden = self.forward([], batch)  # (len, hidden)
         with self._gemm_precision():
             return self.model.logits(hidden)
+
+
+def _feeds_output(req: Request) -> bool:
+    """Whether the request's next token to compute is its latest generated one."""
+    return bool(req.output_token_ids) and req.num_computed_tokens == req.num_tokens - 1

@@ -6,7 +6,8 @@ pickling five small tensors; packed, it is two tensor broadcasts: a fixed header
 that sizes the payload, then the payload.
 
 Header (HEADER,): kind (0 stop, 1 moves only, 2 moves and a batch), T tokens, B
-sequences, M blocks per table, N logits rows, K moves, the payload's length.
+sequences, M blocks per table, N logits rows, K moves, the payload's length, the
+batch's q8_rows.
 Payload: token_ids, positions, slot_mapping (T each), block_tables (B * M), the
 sequences' (start, n_new, n_ctx) (B * 3), logits_indices (N), then per move its
 length L, its delta, and its L source and L destination slots.
@@ -18,7 +19,7 @@ import torch
 
 from runtime.forward_batch import ForwardBatch, SeqSlice
 
-HEADER = 7
+HEADER = 8
 Move = tuple[tuple[int, ...], tuple[int, ...], int]
 Message = tuple[list[Move], ForwardBatch | None] | None
 
@@ -36,13 +37,14 @@ def pack(msg: Message) -> tuple[torch.Tensor, torch.Tensor]:
         flat += [len(src), delta, *src, *dst]
     tail = torch.tensor(flat, dtype=torch.int64)
     if batch is None:
-        return torch.tensor([MOVES, 0, 0, 0, 0, len(moves), tail.numel()], dtype=torch.int64), tail
+        return torch.tensor([MOVES, 0, 0, 0, 0, len(moves), tail.numel(), 0], dtype=torch.int64), tail
     b = batch.to("cpu")
     seqs = torch.tensor([[s.start, s.n_new, s.n_ctx] for s in b.seqs], dtype=torch.int64).reshape(-1)
     parts = [b.token_ids, b.positions, b.slot_mapping, b.block_tables.reshape(-1), seqs, b.logits_indices, tail]
     payload = torch.cat([p.to(torch.int64) for p in parts])
     t, (nb, m), n = b.num_tokens, b.block_tables.shape, b.logits_indices.numel()
-    return torch.tensor([STEP, t, nb, m, n, len(moves), payload.numel()], dtype=torch.int64), payload
+    header = [STEP, t, nb, m, n, len(moves), payload.numel(), b.q8_rows]
+    return torch.tensor(header, dtype=torch.int64), payload
 
 
 def payload_size(header: torch.Tensor) -> int:
@@ -51,7 +53,7 @@ def payload_size(header: torch.Tensor) -> int:
 
 def unpack(header: torch.Tensor, payload: torch.Tensor) -> Message:
     """The message `pack` made of these tensors."""
-    kind, t, nb, m, n, k, _ = (int(v) for v in header.tolist())
+    kind, t, nb, m, n, k, _, q8_rows = (int(v) for v in header.tolist())
     if kind == STOP:
         return None
     at = 0
@@ -67,7 +69,7 @@ def unpack(header: torch.Tensor, payload: torch.Tensor) -> Message:
         ids, pos, slots = take(t), take(t), take(t)
         tables = take(nb * m).reshape(nb, m)
         seqs = tuple(SeqSlice(*row) for row in take(nb * 3).reshape(nb, 3).tolist())
-        batch = ForwardBatch(ids, pos, slots, tables, seqs, take(n))
+        batch = ForwardBatch(ids, pos, slots, tables, seqs, take(n), q8_rows)
     rest = take(payload.numel() - at).tolist()
     moves: list[Move] = []
     i = 0

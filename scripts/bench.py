@@ -158,6 +158,7 @@ def main() -> int:
     ap.add_argument("--weights", default="quant", choices=["quant", "dense"])
     ap.add_argument("--gemm-dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--head-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    ap.add_argument("--decode-dtype", default="float32", choices=["float32", "int8"])
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=1, help="parallel decode streams")
@@ -185,7 +186,7 @@ def main() -> int:
     n_ctx = max(4096, (max(args.prompt_tokens, args.prompt_tokens_served) + args.decode_tokens + 16) * most)
     cfg = EngineConfig(
         model_path=path, dtype=args.dtype, weights=args.weights, gemm_dtype=args.gemm_dtype,
-        head_dtype=args.head_dtype, n_threads=args.threads, n_ctx=n_ctx,
+        head_dtype=args.head_dtype, decode_dtype=args.decode_dtype, n_threads=args.threads, n_ctx=n_ctx,
         n_parallel=most, n_batch=max(2048, args.prompt_tokens),
     )
     engine = Engine(cfg)
@@ -231,6 +232,7 @@ def main() -> int:
         "weights": args.weights,
         "gemm_dtype": args.gemm_dtype,
         "head_dtype": engine.runner.head_dtype,
+        "decode_dtype": engine.runner.decode_dtype,
         "weight_mb": round(engine.loaded.weight_bytes / 1e6, 1),
         "file_tensor_mb": round(engine.loaded.gguf.tensor_bytes / 1e6, 1),
         "threads": args.threads,

@@ -43,3 +43,27 @@ def loaded(llama3_tiny_path):
     from runtime.loader import load_model
 
     return load_model(llama3_tiny_path)
+
+
+# -- the compiled CPU kernels (tests of runtime/ops) ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The compiled CPU kernels' module, registered as the ops' CPU implementation."""
+    from runtime import ops
+    from runtime.ops.cpu_extension import load
+
+    ops.use_cpu_kernels()
+    return load()
+
+
+@pytest.fixture(params=["avx512", "avx2", "baseline"])
+def isa(request, kernels):
+    """Each ISA build of the kernels this CPU can run, in turn."""
+    runnable = list(kernels.use_isa(""))
+    if request.param not in runnable:
+        pytest.skip(f"this CPU cannot run the {request.param} build")
+    kernels.use_isa(request.param)
+    yield request.param
+    kernels.use_isa(runnable[0])

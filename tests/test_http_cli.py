@@ -7,6 +7,7 @@ import pytest
 
 from http_api.cli import UsageError, parse_args
 from http_api.server import main
+from http_api.state import engine_config
 
 ROOT = Path(__file__).parent.parent
 
@@ -33,9 +34,10 @@ def test_flags_map_to_settings(tmp_path, llama3_tiny_path):
         "--host", "0.0.0.0", "--port", "9000", "-a", "tiny", "--api-key", "k1", "--api-key-file", str(keys),
         "--metrics", "--no-slots", "--chat-template", "chatml", "--dtype", "bfloat16", "-to", "30",
         "--log-format", "json", "-cb", "--threads-http", "4", "-tb", "3", "--weights", "dense", "--no-mmap",
-        "--gemm-dtype", "float32", "--mlock",
+        "--gemm-dtype", "float32", "--mlock", "--decode-dtype", "int8",
     ])  # fmt: skip
     assert (s.n_threads_batch, s.weights, s.use_mmap, s.gemm_dtype, s.mlock) == (3, "dense", False, "float32", True)
+    assert engine_config(s).decode_dtype == "int8"
     assert (s.model, s.n_ctx, s.n_parallel, s.n_batch, s.n_threads, s.n_predict) == (
         str(llama3_tiny_path),
         512,
@@ -50,6 +52,7 @@ def test_flags_map_to_settings(tmp_path, llama3_tiny_path):
     assert not parse_args(["--slots-endpoint-disable"]).slots
     d = parse_args([])
     assert (d.weights, d.use_mmap, d.n_threads_batch) == ("quant", True, 0)
+    assert engine_config(d).decode_dtype == "float32"
 
 
 @pytest.mark.parametrize(

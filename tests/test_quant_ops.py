@@ -18,28 +18,9 @@ TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K,
 REL = 2e-6
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    ops.use_cpu_kernels()
-    return load()
-
-
-def isas() -> list[str]:
-    return list(load().use_isa(""))
-
-
 def weight(qt: T, n: int, k: int, seed: int = 0) -> torch.Tensor:
     bs, _ = GGML_QUANT_SIZES[qt]
     return torch.from_numpy(random_tensor(qt, n * k // bs, seed=seed).copy()).view(n, -1)
-
-
-@pytest.fixture(params=["avx512", "avx2", "baseline"])
-def isa(request, kernels):
-    if request.param not in isas():
-        pytest.skip(f"this CPU cannot run the {request.param} build")
-    kernels.use_isa(request.param)
-    yield request.param
-    kernels.use_isa(isas()[0])
 
 
 @pytest.mark.parametrize("qt", TYPES, ids=lambda q: q.name)

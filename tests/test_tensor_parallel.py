@@ -188,15 +188,15 @@ def _prompts(vocab: int, seed: int = 0) -> list[list[int]]:
     return [[1] + [rng.randrange(3, vocab) for _ in range(n)] for n in (5, 23, 40)]
 
 
-def _one_process(path, prompts, n_predict=N_PREDICT, n_ctx=1024) -> list[list[int]]:
-    engine = Engine(EngineConfig(model_path=str(path), n_ctx=n_ctx), load_model(path))
+def _one_process(path, prompts, n_predict=N_PREDICT, n_ctx=1024, decode_dtype="float32") -> list[list[int]]:
+    engine = Engine(EngineConfig(model_path=str(path), n_ctx=n_ctx, decode_dtype=decode_dtype), load_model(path))
     return engine.generate(
         prompts, SamplingParams(temperature=0.0, n_predict=n_predict, ignore_eos=True)
     )
 
 
-def _two_processes(path, prompts, n_predict=N_PREDICT, n_ctx=1024) -> dict:
-    out = spawn([str(path), json.dumps(prompts), str(n_predict), str(n_ctx)], world=2)
+def _two_processes(path, prompts, n_predict=N_PREDICT, n_ctx=1024, decode_dtype="float32") -> dict:
+    out = spawn([str(path), json.dumps(prompts), str(n_predict), str(n_ctx), decode_dtype], world=2)
     assert out[1] == ""  # rank 1 follows; only rank 0 answers
     return json.loads(out[0])
 
@@ -224,6 +224,17 @@ def test_two_processes_generate_what_one_does(tmp_path, arch, qtype, kw):
     got = out["ids"]
     assert got == expected
     assert all(len(ids) == N_PREDICT for ids in got)
+
+
+@pytest.mark.parametrize("arch, qtype", [("llama", "Q5_0"), ("qwen3", "Q4_K")])
+def test_int8_decode_rows_split_as_one_process_runs_them(tmp_path, arch, qtype):
+    """--decode-dtype int8: the shards' cuts fall on whole blocks of 32, so each rank
+    quantizes its part of a row as one process does; the decode-row count reaches rank 1."""
+    path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch, qtype)
+    prompts = _prompts(512, seed=1)
+    expected = _one_process(path, prompts, decode_dtype="int8")
+    assert expected != _one_process(path, prompts)  # int8 rows change this model's tokens
+    assert _two_processes(path, prompts, decode_dtype="int8")["ids"] == expected
 
 
 def test_two_processes_shift_the_context_as_one_does(tmp_path):

@@ -44,16 +44,19 @@ class Linear:
         self.round_input = dtype == "bfloat16"
         self.weight = self._exact.to(torch.bfloat16).to(self._exact.dtype) if self.round_input else self._exact
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (T, in) -> (T, out)."""
+    def __call__(self, x: torch.Tensor, q8_rows: int = 0) -> torch.Tensor:
+        """x (T, in) -> (T, out); rows [0, q8_rows) quantized to int8 per 32 values first."""
         if self.round_input:
             x = x.to(torch.bfloat16).to(x.dtype)
+        if q8_rows:
+            x = torch.cat([ops.quantize_q8(x[:q8_rows]).to(x.dtype), x[q8_rows:]])
         return F.linear(x, self.weight, self.bias)
 
 
 class QuantLinear:
     """y = x @ W^T + b with W in GGUF blocks, through the gguf_serve::qmatmul op (float32 math)
-    or, after set_products("bfloat16"), qmatmul_bf16 (bfloat16 operands, float32 sums)."""
+    or, after set_products("bfloat16"), qmatmul_bf16 (bfloat16 operands, float32 sums); decode
+    rows under --decode-dtype int8 through qmatmul_q8 (x quantized to int8 per 32 values)."""
 
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None) -> None:
         self.weight = weight
@@ -67,11 +70,18 @@ class QuantLinear:
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (T, in) -> (T, out) in x's dtype."""
+    def __call__(self, x: torch.Tensor, q8_rows: int = 0) -> torch.Tensor:
+        """x (T, in) -> (T, out) in x's dtype; rows [0, q8_rows) through qmatmul_q8."""
         w = self.weight
         matmul = ops.qmatmul_bf16 if self.bf16_products else ops.qmatmul
-        y = matmul(x, w.data, w.qtype, w.shape[1])
+        t = x.shape[0]
+        if q8_rows == 0:
+            y = matmul(x, w.data, w.qtype, w.shape[1])
+        elif q8_rows == t:
+            y = ops.qmatmul_q8(x, w.data, w.qtype, w.shape[1])
+        else:  # a step with decode and prompt rows
+            q8 = ops.qmatmul_q8(x[:q8_rows], w.data, w.qtype, w.shape[1])
+            y = torch.cat([q8, matmul(x[q8_rows:], w.data, w.qtype, w.shape[1])])
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)

@@ -160,7 +160,8 @@ class Transformer:
                 h = rms_norm(h, layer.post_attn_norm, c.norm_eps)
             x = x + h
             h = rms_norm(x, layer.ffn_norm, c.norm_eps)
-            h = self.reduce(layer.down(gated(layer.gate(h), layer.up(h), c.activation)))
+            n8 = b.q8_rows
+            h = self.reduce(layer.down(gated(layer.gate(h, n8), layer.up(h, n8), c.activation), n8))
             if layer.post_ffn_norm is not None:
                 h = rms_norm(h, layer.post_ffn_norm, c.norm_eps)
             x = x + h
@@ -213,16 +214,17 @@ class Transformer:
     ) -> torch.Tensor:
         c = self.cfg
         t = h.shape[0]
-        q = layer.q(h).view(t, c.n_heads, c.head_dim)
-        k = layer.k(h).view(t, c.n_kv_heads, c.head_dim)
-        v = layer.v(h).view(t, c.n_kv_heads, c.v_head_dim)
+        n8 = batch.q8_rows
+        q = layer.q(h, n8).view(t, c.n_heads, c.head_dim)
+        k = layer.k(h, n8).view(t, c.n_kv_heads, c.head_dim)
+        v = layer.v(h, n8).view(t, c.n_kv_heads, c.v_head_dim)
         if layer.q_norm is not None and layer.k_norm is not None:
             q = rms_norm(q, layer.q_norm, c.norm_eps)
             k = rms_norm(k, layer.k_norm, c.norm_eps)
         q = rot.apply(q, *cos_sin)
         k = rot.apply(k, *cos_sin)
         o = paged_attention(q, k, v, cache, i, batch, c.scale, window, c.attn_softcap)
-        return layer.o(o.reshape(t, c.n_heads * c.v_head_dim))
+        return layer.o(o.reshape(t, c.n_heads * c.v_head_dim), n8)
 
 
 def dense(w: Weight) -> torch.Tensor:

@@ -28,6 +28,23 @@ def qmatmul_bf16(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.
     return torch.nn.functional.linear(x.bfloat16().float(), dequantize(w, qtype, k).bfloat16().float())
 
 
+def quantize_q8(x: torch.Tensor) -> torch.Tensor:
+    """x (t, k) float32 with each 32-value block of a row as int8 values times their scale:
+    q = round(x * 127 / amax) (ties to even), x_hat = q * amax / 127 (a short last block too)."""
+    t, k = x.shape
+    pad = -k % 32
+    xb = torch.nn.functional.pad(x.float(), (0, pad)).reshape(t, -1, 32)  # (t, blocks, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    q = torch.round(xb * inv).clamp(-127, 127)
+    return (q * (amax / 127)).reshape(t, -1)[:, :k]
+
+
+def qmatmul_q8(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """x (t, k) @ W^T with x's rows quantized to int8 per 32 values (quantize_q8) -> (t, n) float32."""
+    return qmatmul(quantize_q8(x), w, qtype, k)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., d) * rsqrt(mean(x^2) + eps) * weight (d,), in float32; returns x's dtype."""
     xf = x.float()

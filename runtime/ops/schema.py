@@ -3,7 +3,7 @@
 `torch.ops.gguf_serve.qmatmul(x, w, qtype, k)`: x (t, k) float @ W^T, W (n, row_bytes)
 uint8 rows of GGUF blocks of type `qtype` (a GGMLQuantizationType id), k values per
 row -> (t, n) float32; `qmatmul_bf16` is the same product with both operands rounded to
-bfloat16 first (float32 sums). `torch.ops.gguf_serve.dequantize(w, qtype, k)` -> (n, k) float32.
+bfloat16 first (float32 sums), `qmatmul_q8` with x's rows quantized to int8 per 32 values. `torch.ops.gguf_serve.dequantize(w, qtype, k)` -> (n, k) float32.
 Device kernels register themselves for their dispatch key (CPU: csrc/quant_cpu.cpp,
 CUDA: triton_kernels.py) and win over the CompositeExplicitAutograd reference, which
 is what MPS and other devices run; fake kernels let torch.compile trace through them.
@@ -19,8 +19,10 @@ LIB = torch.library.Library("gguf_serve", "DEF")
 LIB.define("qmatmul(Tensor x, Tensor w, int qtype, int k) -> Tensor")
 LIB.define("dequantize(Tensor w, int qtype, int k) -> Tensor")
 LIB.define("qmatmul_bf16(Tensor x, Tensor w, int qtype, int k) -> Tensor")
+LIB.define("qmatmul_q8(Tensor x, Tensor w, int qtype, int k) -> Tensor")
 LIB.impl("qmatmul", reference.qmatmul, "CompositeExplicitAutograd")
 LIB.impl("qmatmul_bf16", reference.qmatmul_bf16, "CompositeExplicitAutograd")
+LIB.impl("qmatmul_q8", reference.qmatmul_q8, "CompositeExplicitAutograd")
 LIB.impl("dequantize", reference.dequantize, "CompositeExplicitAutograd")
 # The small per-token ops of a step, fused on the CPU (csrc/fused_cpu.cpp); the reference
 # (a chain of torch ops) runs everywhere else.
@@ -61,6 +63,11 @@ def _qmatmul_fake(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch
 
 @torch.library.register_fake("gguf_serve::qmatmul_bf16")
 def _qmatmul_bf16_fake(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+
+
+@torch.library.register_fake("gguf_serve::qmatmul_q8")
+def _qmatmul_q8_fake(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
 
 

@@ -8,7 +8,9 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -69,6 +71,14 @@ inline float half_to_float(uint16_t h) {
 #undef QK_NS
 #pragma GCC pop_options
 
+#ifdef QK_HAVE_BF16  // a compiler that new knows AVX512-VNNI too
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
+#define QK_HAVE_VNNI 1
+#include "quant_q8.h"
+#pragma GCC pop_options
+#endif
+
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define QK_NS k_avx2
@@ -100,6 +110,7 @@ struct Kernels {
     DequantFn dequant;
     MatvecBf16Fn matvec_bf16;
     bool bf16_dot;  // the CPU has AVX512-BF16: matvec_bf16 may take its vdpbf16ps kernel
+    bool int8_dot;  // the CPU has AVX512-VNNI: qmatmul_q8 may take its vpdpbusd kernels
 };
 
 // Every build this CPU can run, best first.
@@ -111,14 +122,14 @@ std::vector<Kernels> runnable() {
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
         out.push_back({"avx512", k_avx512::matvec, k_avx512::dequant, k_avx512::matvec_bf16,
 #ifdef QK_HAVE_BF16
-                       (bool)__builtin_cpu_supports("avx512bf16")});
+                       (bool)__builtin_cpu_supports("avx512bf16"), (bool)__builtin_cpu_supports("avx512vnni")});
 #else
-                       false});
+                       false, false});
 #endif
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-        out.push_back({"avx2", k_avx2::matvec, k_avx2::dequant, k_avx2::matvec_bf16, false});
+        out.push_back({"avx2", k_avx2::matvec, k_avx2::dequant, k_avx2::matvec_bf16, false, false});
 #endif
-    out.push_back({"baseline", k_base::matvec, k_base::dequant, k_base::matvec_bf16, false});
+    out.push_back({"baseline", k_base::matvec, k_base::dequant, k_base::matvec_bf16, false, false});
     return out;
 }
 
@@ -135,6 +146,11 @@ const Kernels& kernels() { return all_kernels()[(size_t)g_choice.load(std::memor
 std::atomic<bool> g_bf16_dot_allowed{true};
 
 bool use_bf16_dot() { return kernels().bf16_dot && g_bf16_dot_allowed.load(std::memory_order_relaxed); }
+
+// Tests turn the AVX512-VNNI kernels off to run qmatmul_q8's path for other CPUs.
+std::atomic<bool> g_int8_dot_allowed{true};
+
+bool use_int8_dot() { return kernels().int8_dot && g_int8_dot_allowed.load(std::memory_order_relaxed); }
 
 // Tests run every build the machine supports; returns the names of those.
 std::vector<std::string> use_isa(const std::string& name) {
@@ -225,6 +241,25 @@ void over_rows(int64_t n, int64_t k, int64_t t, int64_t qtype, const F& fn) {
 
 }  // namespace
 
+namespace {
+
+// x (t, k) float32, contiguous @ W^T through the row kernels, whatever t is: each row of the
+// result is computed alone.
+torch::Tensor matvec(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, int64_t k) {
+    const int64_t t = x.size(0), n = w.size(0), row_bytes = w.stride(0);
+    auto y = torch::empty({t, n}, x.options());
+    const uint8_t* wp = w.data_ptr<uint8_t>();
+    const float* xp = x.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    const auto fn = kernels().matvec;
+    over_rows(n, k, t, qtype, [&](int64_t r0, int64_t r1, float* buf) {
+        return fn((int)qtype, wp, row_bytes, xp, yp, t, n, k, r0, r1, buf);
+    });
+    return y;
+}
+
+}  // namespace
+
 // x (t, k) float32 @ W^T, W (n, row_bytes) GGUF blocks of `qtype` -> (t, n) float32.
 torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype, int64_t k) {
     check_weight(w, qtype, k);
@@ -245,15 +280,7 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& w, int64_t
         }
         return y;
     }
-    auto y = torch::empty({t, n}, x.options());
-    const uint8_t* wp = w.data_ptr<uint8_t>();
-    const float* xp = x.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    const auto fn = kernels().matvec;
-    over_rows(n, k, t, qtype, [&](int64_t r0, int64_t r1, float* buf) {
-        return fn((int)qtype, wp, row_bytes, xp, yp, t, n, k, r0, r1, buf);
-    });
-    return y;
+    return matvec(x, w, qtype, k);
 }
 
 // x (t, k) @ W^T with x and W's values rounded to bfloat16, float32 sums -> (t, n) float32.
@@ -277,6 +304,66 @@ torch::Tensor qmatmul_bf16(const torch::Tensor& x_in, const torch::Tensor& w, in
     return y;
 }
 
+namespace {
+
+// n (<= 32) values of x as int8 q (rounded to nearest, ties to even) and their scale
+// amax / 127, as runtime/ops/reference.py's quantize_q8 computes them.
+float quantize_block(const float* x, int n, int8_t* q) {
+    float amax = 0.f;
+    for (int i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float id = amax > 0.f ? 127.f / amax : 0.f;
+    for (int i = 0; i < n; ++i) q[i] = (int8_t)std::nearbyint(std::min(127.f, std::max(-127.f, x[i] * id)));
+    return amax / 127.f;
+}
+
+// x_hat (t, k): x with each 32-value block replaced by its int8 values times their scale.
+torch::Tensor quantized_q8(const torch::Tensor& x) {
+    const int64_t t = x.size(0), k = x.size(1);
+    auto y = torch::empty({t, k}, torch::dtype(torch::kFloat32));
+    const float* xp = x.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    int8_t q[32];
+    for (int64_t i = 0; i < t; ++i)
+        for (int64_t b0 = 0; b0 < k; b0 += 32) {  // a row's last block may be short (F16 rows)
+            const int nb = (int)std::min<int64_t>(32, k - b0);
+            const float d = quantize_block(xp + i * k + b0, nb, q);
+            for (int j = 0; j < nb; ++j) yp[i * k + b0 + j] = (float)q[j] * d;
+        }
+    return y;
+}
+
+}  // namespace
+
+// x (t, k) @ W^T with x's rows quantized to int8 per 32 values (scale amax / 127) -> (t, n)
+// float32: llama.cpp's CPU numerics for decode rows. Each row of y is the same whatever t is.
+torch::Tensor qmatmul_q8(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype, int64_t k) {
+    check_weight(w, qtype, k);
+    TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "x must be (tokens, ", k, ")");
+    const auto x = x_in.to(torch::kFloat32).contiguous();
+#ifdef QK_HAVE_VNNI
+    const int off = k_vnni::q8_offset((int)qtype);
+    if (off >= 0 && use_int8_dot()) {
+        // Every type here has k % 32 == 0: whole blocks of 8 lanes (4 values each).
+        const int64_t t = x.size(0), n = w.size(0), row_bytes = w.stride(0);
+        const int64_t kp = (k + 63) / 64 * 64, lanes = kp / 4;
+        std::vector<int8_t> q((size_t)(t * kp), 0);
+        std::vector<float> dx((size_t)(t * lanes), 0.f), dsum((size_t)(t * kp / 32), 0.f);
+        std::vector<int32_t> corr((size_t)(t * lanes), 0);
+        k_vnni::quantize_x(x.data_ptr<float>(), t, k, off, q.data(), dx.data(), corr.data(), dsum.data(), kp);
+        auto y = torch::empty({t, n}, torch::dtype(torch::kFloat32));
+        const k_vnni::Q8Act act{q.data(), dx.data(), corr.data(), dsum.data(), kp};
+        const uint8_t* wp = w.data_ptr<uint8_t>();
+        float* yp = y.data_ptr<float>();
+        over_rows(n, k, t, qtype, [&](int64_t r0, int64_t r1, float* buf) {
+            return k_vnni::matvec_q8((int)qtype, wp, row_bytes, act, yp, t, n, k, r0, r1, buf);
+        });
+        return y;
+    }
+#endif
+    // Other CPUs and types: the same x_hat through the float32 row kernels.
+    return matvec(quantized_q8(x), w, qtype, k);
+}
+
 // W (n, row_bytes) GGUF blocks -> (n, k) float32.
 torch::Tensor dequantize(const torch::Tensor& w, int64_t qtype, int64_t k) {
     check_weight(w, qtype, k);
@@ -289,6 +376,10 @@ bool bf16_dot() { return use_bf16_dot(); }
 
 void allow_bf16_dot(bool on) { g_bf16_dot_allowed.store(on); }
 
+bool int8_dot() { return use_int8_dot(); }
+
+void allow_int8_dot(bool on) { g_int8_dot_allowed.store(on); }
+
 void set_gemm_bf16(bool on) { g_gemm_bf16.store(on); }
 
 bool gemm_bf16() { return g_gemm_bf16.load(); }
@@ -300,6 +391,7 @@ void set_num_threads(int64_t n) { kernel_threads_setting().store((int)std::max<i
 TORCH_LIBRARY_IMPL(gguf_serve, CPU, m) {
     m.impl("qmatmul", &qmatmul);
     m.impl("qmatmul_bf16", &qmatmul_bf16);
+    m.impl("qmatmul_q8", &qmatmul_q8);
     m.impl("dequantize", &dequantize);
 }
 
@@ -307,6 +399,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("isa", &isa, "the instruction set the kernels were picked for");
     m.def("bf16_dot", &bf16_dot, "whether qmatmul_bf16 runs on the CPU's bfloat16 dot-product instructions");
     m.def("allow_bf16_dot", &allow_bf16_dot, "let qmatmul_bf16 use them where the CPU has them (for tests)");
+    m.def("int8_dot", &int8_dot, "whether qmatmul_q8 runs on the CPU's int8 dot-product instructions");
+    m.def("allow_int8_dot", &allow_int8_dot, "let qmatmul_q8 use them where the CPU has them (for tests)");
     m.def("use_isa", &use_isa, "pick a build by name (for tests); returns the runnable ones");
     m.def("set_gemm_bf16", &set_gemm_bf16, "large-batch GEMMs on the bfloat16 units, float32 accuracy");
     m.def("gemm_bf16", &gemm_bf16, "whether set_gemm_bf16 is on");

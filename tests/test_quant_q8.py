@@ -1,0 +1,157 @@
+"""--decode-dtype int8: decode rows' activations quantized to int8 per 32 values (qmatmul_q8), as llama.cpp does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+
+from runtime import ops
+from runtime.config import EngineConfig
+from runtime.engine import Engine
+from runtime.forward_batch import ForwardBatch
+from runtime.ops import reference
+from runtime.ops.cpu_extension import load
+from runtime.sampling_params import SamplingParams
+from scripts.make_tiny_gguf import BOS_ID, write_tiny_gguf
+from tests.test_quant_ops import TYPES, weight
+from tests.test_quant_weights import _decode_logits
+
+
+def _paths() -> list[bool]:
+    """The AVX512-VNNI kernels where this build and CPU have them, and the path other CPUs take."""
+    return [True, False] if load().int8_dot() else [False]
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=lambda q: q.name)
+def test_qmatmul_q8_matches_reference(qt, isa):
+    """Only the order of the float32 sums may differ from x_hat @ W_hat^T; a row never depends on its batch."""
+    k = 512 if GGML_QUANT_SIZES[qt][0] == 256 else 96  # 3 blocks of 32: a half-filled last chunk
+    w = weight(qt, 45, k, seed=3)
+    wd = reference.dequantize(w, int(qt), k).double()
+    for native in _paths():
+        load().allow_int8_dot(native)
+        try:
+            for t in (1, 2, 3, 4, 5, 8, 9, 17):  # the 1-4 row groups and their remainders
+                x = torch.randn(t, k, generator=torch.Generator().manual_seed(t)) * 3
+                xh = reference.quantize_q8(x).double()
+                want, scale = xh @ wd.T, xh.abs() @ wd.abs().T
+                got = ops.qmatmul_q8(x, w, int(qt), k)
+                assert got.shape == (t, 45) and got.dtype == torch.float32
+                err = ((got - want).abs() / scale.clamp_min(1e-30)).max().item()
+                assert err < 1e-6, f"{qt.name} t={t} native={native}: error {err:.2e} of the products' magnitude"
+                alone = torch.cat([ops.qmatmul_q8(x[i : i + 1], w, int(qt), k) for i in range(t)])
+                assert torch.equal(alone, got), f"{qt.name} t={t}: a row changed with the batch"
+        finally:
+            load().allow_int8_dot(True)
+
+
+def test_quantize_q8_is_per_block_int8():
+    x = torch.randn(3, 80) * torch.tensor([1e-3, 1.0, 50.0]).repeat_interleave(80).view(3, 80)
+    x[1, 32:64] = 0  # a block of zeros stays zeros
+    xh = reference.quantize_q8(x)
+    for row, qrow in zip(x, xh):
+        for b0 in range(0, 80, 32):  # the last block holds 16 values
+            blk, q = row[b0 : b0 + 32], qrow[b0 : b0 + 32]
+            amax = blk.abs().max()
+            if amax == 0:
+                assert torch.equal(q, blk)
+                continue
+            levels = torch.round(q * 127 / amax)
+            assert (levels - q * 127 / amax).abs().max() < 1e-3 and levels.abs().max() == 127
+            assert (q - blk).abs().max() <= amax / 254 * (1 + 1e-5)  # half a level
+    assert torch.equal(ops.quantize_q8(x), xh)
+
+
+def test_qmatmul_q8_is_not_float32_in_disguise(kernels):
+    w = weight(T.Q4_K, 64, 256, seed=4)
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(5))
+    wd = reference.dequantize(w, int(T.Q4_K), 256).double()
+    got = ops.qmatmul_q8(x, w, int(T.Q4_K), 256).double()
+    exact = x.double() @ wd.T
+    scale = exact.abs().max()
+    assert ((got - reference.quantize_q8(x).double() @ wd.T).abs().max() / scale).item() < 1e-6
+    assert 1e-4 < ((got - exact).abs().max() / scale).item() < 3e-2  # the rounding shows, at 8 bits' size
+
+
+def test_schema_and_bad_input(kernels):
+    w = weight(T.Q8_0, 8, 64)
+    torch.library.opcheck(torch.ops.gguf_serve.qmatmul_q8, (torch.randn(2, 64), w, int(T.Q8_0), 64))
+    with pytest.raises(RuntimeError, match="x must be"):
+        ops.qmatmul_q8(torch.randn(2, 32), w, int(T.Q8_0), 64)
+    with pytest.raises(RuntimeError, match="no CPU kernel"):
+        ops.qmatmul_q8(torch.randn(2, 64), w, 99, 64)
+    with pytest.raises(RuntimeError, match="do not hold"):
+        ops.qmatmul_q8(torch.randn(2, 128), w, int(T.Q8_0), 128)
+
+
+def test_decode_rows_come_first():
+    """Sequences flagged q8 are laid out first; seqs, logits rows and slots keep their meaning."""
+    plain = ForwardBatch.build([[5, 6, 7], [8], [9, 10], [11]], [0, 40, 3, 9], [[2], [4, 5, 6], [7], [1]], 16)
+    b = ForwardBatch.build(
+        [[5, 6, 7], [8], [9, 10], [11]], [0, 40, 3, 9], [[2], [4, 5, 6], [7], [1]], 16, q8=[False, True, False, True]
+    )
+    assert b.q8_rows == 2 and plain.q8_rows == 0
+    assert b.token_ids.tolist() == [8, 11, 5, 6, 7, 9, 10]
+    assert [(s.start, s.n_new, s.n_ctx) for s in b.seqs] == [(2, 3, 3), (0, 1, 41), (5, 2, 5), (1, 1, 10)]
+    assert b.logits_indices.tolist() == [4, 0, 6, 1]  # each sequence's last row, in sequence order
+    for s, p in zip(b.seqs, plain.seqs):
+        rows, prow = slice(s.start, s.start + s.n_new), slice(p.start, p.start + p.n_new)
+        assert torch.equal(b.slot_mapping[rows], plain.slot_mapping[prow])
+        assert torch.equal(b.positions[rows], plain.positions[prow])
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "Q2_K"])
+def test_int8_decode_is_the_same_for_quant_and_dense(tmp_path, qtype):
+    """The kernels and the dense path (quantize_q8 + linear) compute the same decode rows;
+    prompt rows stay float32."""
+    path = write_tiny_gguf(tmp_path / f"{qtype}.gguf", "llama", qtype)
+    quant = _decode_logits(path, "quant", decode_dtype="int8")
+    dense = _decode_logits(path, "dense", decode_dtype="int8")
+    exact = _decode_logits(path, "dense")
+    scale = dense.abs().max()
+    assert torch.equal(quant[:3], _decode_logits(path, "quant")[:3])  # the prompts' step: no int8 rows
+    # The first decode step (later ones follow the greedy tokens, which may part ways). The
+    # two paths differ by float32 rounding, which can move an activation across a rounding
+    # boundary of its block, a level of 8 bits: measured 1e-7 of the largest logit on average
+    # without such a flip, 3e-4 with one (Q5_0), against 1.3-3e-3 for the int8 rounding itself.
+    first = slice(3, 6)
+    paths = ((quant - dense)[first].abs().mean() / scale).item()
+    rounding = ((dense - exact)[first].abs().mean() / scale).item()
+    assert rounding > 5e-4 and paths < rounding / 5, (paths, rounding)
+
+
+def test_a_decode_row_computes_the_same_beside_a_prompt(tmp_path):
+    """int8 decode rows are picked by kind, not by the step's size: request A's log-probs
+    are bit for bit the same whether B's 40-token prompt shares its steps or not."""
+    path = write_tiny_gguf(tmp_path / "q4k.gguf", "llama", "Q4_K")
+    g = torch.Generator().manual_seed(2)
+    prompt_a = [BOS_ID] + torch.randint(3, 200, (9,), generator=g).tolist()
+    prompt_b = [BOS_ID] + torch.randint(3, 200, (40,), generator=g).tolist()
+    params = SamplingParams(temperature=0.0, n_predict=8, ignore_eos=True, n_probs=4)
+
+    def run(with_b: bool) -> tuple[list, list]:
+        engine = Engine(EngineConfig(model_path=str(path), n_ctx=256, n_parallel=2, n_batch=16, decode_dtype="int8"))
+        steps: list[tuple[int, int]] = []
+        hidden_states = engine.runner.model.hidden_states
+
+        def spy(batch, cache):
+            steps.append((batch.num_tokens, batch.q8_rows))
+            return hidden_states(batch, cache)
+
+        engine.runner.model.hidden_states = spy  # type: ignore[method-assign]
+        a = engine.add_request(prompt_a, params)
+        got = []
+        while engine.has_unfinished():
+            if with_b and len(got) == 2:
+                engine.add_request(prompt_b, params)
+                with_b = False
+            got += [(lp.token_id, lp.logprob, lp.top) for o in engine.step() if o.request_id == a for lp in o.logprobs]
+        return got, steps
+
+    alone, alone_steps = run(False)
+    mixed, mixed_steps = run(True)
+    assert all(q8 == (n == 1) for n, q8 in alone_steps[1:])
+    assert any(q8 == 1 and n > 9 for n, q8 in mixed_steps)  # A's decode row beside a prompt chunk (GEMM path)
+    assert len(alone) == 8 and mixed == alone
