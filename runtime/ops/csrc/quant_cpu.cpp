@@ -346,12 +346,12 @@ torch::Tensor qmatmul_q8(const torch::Tensor& x_in, const torch::Tensor& w, int6
         // Every type here has k % 32 == 0: whole blocks of 8 lanes (4 values each).
         const int64_t t = x.size(0), n = w.size(0), row_bytes = w.stride(0);
         const int64_t kp = (k + 63) / 64 * 64, lanes = kp / 4;
-        std::vector<int8_t> q((size_t)(t * kp), 0);
+        // past k: q 0 (stored as 128 when shifted), dx 0, so padding adds nothing
+        std::vector<uint8_t> q((size_t)(t * kp), off ? 0x80 : 0);
         std::vector<float> dx((size_t)(t * lanes), 0.f), dsum((size_t)(t * kp / 32), 0.f);
-        std::vector<int32_t> corr((size_t)(t * lanes), 0);
-        k_vnni::quantize_x(x.data_ptr<float>(), t, k, off, q.data(), dx.data(), corr.data(), dsum.data(), kp);
+        k_vnni::quantize_x(x.data_ptr<float>(), t, k, off > 0, q.data(), dx.data(), dsum.data(), kp);
         auto y = torch::empty({t, n}, torch::dtype(torch::kFloat32));
-        const k_vnni::Q8Act act{q.data(), dx.data(), corr.data(), dsum.data(), kp};
+        const k_vnni::Q8Act act{q.data(), dx.data(), dsum.data(), kp};
         const uint8_t* wp = w.data_ptr<uint8_t>();
         float* yp = y.data_ptr<float>();
         over_rows(n, k, t, qtype, [&](int64_t r0, int64_t r1, float* buf) {

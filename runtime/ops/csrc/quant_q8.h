@@ -9,9 +9,12 @@
 // dx = amax / 127, and y = x_hat @ W_hat^T for x_hat = dx * q. A weight chunk of 64 values
 // is decoded to unsigned bytes u with value = a * (u - OFF) + b per lane of 4 values, so
 //   sum(value * x_hat) = dx * (a * sum((u - OFF) * q) + b * sum(q))
-// where sum((u - OFF) * q) is exact in int32 (vpdpbusd, started from -OFF * sum(q)) and
-// only the per-lane combination is float32. Each row of y is computed alone, so a row's
-// result does not depend on the other rows of the call.
+// where the integer sum is exact in int32 and only the per-lane combination is float32.
+// vpdpbusd multiplies unsigned by signed bytes: for a type with an offset (b = 0) the
+// weights s = u - OFF are the signed side and x is stored as q + 128, the sum then started
+// from -128 * sum(s) (once per weight chunk, whatever the number of rows); for a type with
+// a b term (OFF = 0) u is the unsigned side and q the signed one. Each row of y is
+// computed alone, so a row's result does not depend on the other rows of the call.
 
 namespace k_vnni {
 
@@ -20,20 +23,19 @@ using k_avx512::h2f;
 using k_avx512::nibbles32;
 using k_avx512::scale_min_k4;
 
-// A call's x, quantized by quantize_x: per row kp = k rounded up to 64 bytes of q (zero
-// past k); per lane of 4 values dx (its block's scale) and -OFF * sum(q) (the offset of the
-// weights' type, in int32); per 32-value block dx * sum(q) (for the b term).
+// A call's x, quantized by quantize_x: per row kp = k rounded up to 64 bytes of q (q + 128
+// as unsigned bytes for a type with an offset; zero past k); per lane of 4 values dx (its
+// block's scale); per 32-value block dx * sum(q) (for the b term).
 struct Q8Act {
-    const int8_t* q;
+    const uint8_t* q;
     const float* dx;
-    const int32_t* corr;
     const float* dsum;
     int64_t kp;
 };
 
 // x (t, k) float32 -> the Q8Act buffers, q rounded as runtime/ops/reference.py's quantize_q8.
-static void quantize_x(const float* x, int64_t t, int64_t k, int off, int8_t* q, float* dx, int32_t* corr,
-                       float* dsum, int64_t kp) {
+static void quantize_x(const float* x, int64_t t, int64_t k, bool shifted, uint8_t* q, float* dx, float* dsum,
+                       int64_t kp) {
     const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     const __m512 hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
     const __m256i ones = _mm256_set1_epi8(1);
@@ -47,11 +49,10 @@ static void quantize_x(const float* x, int64_t t, int64_t k, int off, int8_t* q,
             const __m512i q0 = _mm512_cvtps_epi32(_mm512_max_ps(lo, _mm512_min_ps(hi, _mm512_mul_ps(v0, s))));
             const __m512i q1 = _mm512_cvtps_epi32(_mm512_max_ps(lo, _mm512_min_ps(hi, _mm512_mul_ps(v1, s))));
             const __m256i qb = _mm256_set_m128i(_mm512_cvtepi32_epi8(q1), _mm512_cvtepi32_epi8(q0));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i * kp + b0), qb);
+            const __m256i stored = shifted ? _mm256_xor_si256(qb, _mm256_set1_epi8((char)0x80)) : qb;
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i * kp + b0), stored);
+            _mm256_storeu_ps(dx + i * (kp / 4) + b0 / 4, _mm256_set1_ps(d));
             const __m256i sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones, qb);  // per lane of 4
-            const int64_t at = i * (kp / 4) + b0 / 4;
-            _mm256_storeu_ps(dx + at, _mm256_set1_ps(d));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(corr + at), _mm256_mullo_epi32(sums, _mm256_set1_epi32(-off)));
             dsum[i * (kp / 32) + b0 / 32] = d * (float)_mm512_reduce_add_epi32(_mm512_zextsi256_si512(sums));
         }
 }
@@ -243,11 +244,16 @@ static inline void q8_row(const uint8_t* row, const Q8Act& x, int64_t i0, float*
         F(row, c0, 2 * c0 + 1 < nb, u, a, bb + 2 * c0);
         for (int h = 0; h < CH; ++h) {
             const int64_t c = c0 + h;
+            __m512i s = u[h], init = _mm512_setzero_si512();
+            if (OFF) {  // signed weights; the sum starts from -128 * sum(s) for x stored as q + 128
+                s = _mm512_sub_epi8(u[h], _mm512_set1_epi8((char)OFF));
+                init = _mm512_sub_epi32(init, _mm512_dpbusd_epi32(init, _mm512_set1_epi8((char)0x80), s));
+            }
             for (int j = 0; j < NT; ++j) {
                 const int64_t r = i0 + j;
                 const __m512i q = _mm512_loadu_si512(x.q + r * x.kp + c * 64);
-                const __m512i init = OFF ? _mm512_loadu_si512(x.corr + r * lanes + c * 16) : _mm512_setzero_si512();
-                const __m512i dot = _mm512_dpbusd_epi32(init, u[h], q);  // sum((u - OFF) * q) per lane, exact
+                // sum((u - OFF) * q) per lane, exact
+                const __m512i dot = OFF ? _mm512_dpbusd_epi32(init, q, s) : _mm512_dpbusd_epi32(init, s, q);
                 const __m512 dx = _mm512_loadu_ps(x.dx + r * lanes + c * 16);
                 acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(a[h], dx), acc[j]);
             }
