@@ -76,8 +76,6 @@ class Engine:
             if cfg.pooling is not None
             else Pooling.of_model(self.loaded.gguf.metadata, self.loaded.config.arch)
         )
-        if cfg.slot_save_path and self.loaded.parallel is not None:
-            raise NotSupportedError("--slot-save-path is not supported with tensor parallelism yet")
         self.slot_store = SlotStore(cfg.slot_save_path) if cfg.slot_save_path else None
         self.requests: dict[str, Request] = {}
         self._text: dict[str, StopChecker] = {}

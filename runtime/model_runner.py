@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from runtime import ops
+from runtime import kv_copy, ops
 from runtime.config import EngineConfig
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_cache import KVCache
@@ -173,6 +173,20 @@ class ModelRunner:
         self._set_threads(batch.num_tokens)
         with self._gemm_precision():
             return self.model.hidden_states(batch, self.cache)
+
+    def read_blocks(self, blocks: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """CPU copies of KV blocks with every KV head of the model, per layer (len(blocks),
+        block_size, kv_heads, head_dim): under tensor parallelism, gathered from the ranks."""
+        if self.parallel is None:
+            return self.cache.read_blocks(blocks)
+        return kv_copy.read(self.cache, self.parallel, self.loaded.config, blocks)
+
+    def write_blocks(self, blocks: list[int], k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+        """Store read_blocks()'s tensors into `blocks` (on every rank, each keeping its heads)."""
+        if self.parallel is None:
+            self.cache.write_blocks(blocks, k, v)
+        else:
+            kv_copy.write(self.cache, self.parallel, self.loaded.config, blocks, k, v)
 
     def close(self) -> None:
         """Rank 0 of a tensor-parallel group: let the other ranks leave their loop."""

@@ -17,7 +17,8 @@ Megatron-style sharding of every layer across `world` ranks:
 Rank 0 runs the APIs, the scheduler and the sampler and broadcasts each step (the
 ForwardBatch and the context shift's KV moves) to the other ranks, which run the same
 forward in `runtime/tp_worker.py`; a None message stops them. Each message travels as
-two int64 tensors (runtime/step_message.py).
+two int64 tensors (runtime/step_message.py); a slot save or restore announces a KV copy
+whose collective follows (runtime/kv_copy.py).
 """
 
 from __future__ import annotations
@@ -201,8 +202,10 @@ class Parallel:
         dist.all_reduce(x)
         return x
 
-    def send(self, msg: Message) -> None:
-        """Rank 0: broadcast one step's message to every rank (None stops them)."""
+    def send(self, msg: Message, then: Callable[[Any], object] | None = None) -> None:
+        """Rank 0: broadcast one message to every rank (None stops them); then, under the
+        same lock (a stop from another thread cannot come between), `then(group)`: a
+        collective on the CPU group that the message announced (runtime/kv_copy.py)."""
         assert self.is_driver
         header, payload = step_message.pack(msg)
         with self._lock:
@@ -212,6 +215,13 @@ class Parallel:
             dist.broadcast(header, src=0, group=self._cpu_group)
             if payload.numel():
                 dist.broadcast(payload, src=0, group=self._cpu_group)
+            if then is not None:
+                then(self._cpu_group)
+
+    @property
+    def cpu_group(self) -> Any:
+        """The gloo group messages travel on (CPU tensors, on every backend)."""
+        return self._cpu_group
 
     def receive(self) -> Message:
         """Ranks > 0: the next message rank 0 sent."""

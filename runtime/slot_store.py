@@ -79,7 +79,7 @@ class SlotStore:
         bm = engine.blocks
         hashes = bm.hashes(tokens, [])
         blocks = bm.match_prefix(hashes)  # the full blocks the cache still holds, from the start
-        k, v = engine.runner.cache.read_blocks(blocks) if blocks else ([], [])
+        k, v = engine.runner.read_blocks(blocks) if blocks else ([], [])
         state = {
             "format": _FORMAT,
             "model": _signature(engine),
@@ -119,7 +119,7 @@ class SlotStore:
         if todo:
             k = [t[todo] for t in state["k"]]
             v = [t[todo] for t in state["v"]]
-            engine.runner.cache.write_blocks(blocks, k, v)
+            engine.runner.write_blocks(blocks, k, v)
         for b, j in zip(blocks, todo):
             bm.cache(b, hashes[j])
         bm.free(hit + blocks)  # unreferenced but named: the next matching prompt takes them

@@ -1,13 +1,13 @@
-"""One tensor-parallel step (the KV moves and the ForwardBatch rank 0 sends) packed into int64 tensors.
+"""One tensor-parallel message (a step's KV moves and ForwardBatch, or a KV copy) packed into int64 tensors.
 
 Rank 0 broadcasts each step to the other ranks. As pickled Python objects (torch's
 broadcast_object_list) a decode step's message cost ~2 ms under gloo, most of it
 pickling five small tensors; packed, it is two tensor broadcasts: a fixed header
 that sizes the payload, then the payload.
 
-Header (HEADER,): kind (0 stop, 1 moves only, 2 moves and a batch), T tokens, B
-sequences, M blocks per table, N logits rows, K moves, the payload's length, the
-batch's q8_rows.
+Header (HEADER,): kind (0 stop, 1 moves only, 2 moves and a batch, 3 read KV blocks,
+4 write KV blocks), T tokens, B sequences, M blocks per table, N logits rows, K moves,
+the payload's length, the batch's q8_rows. A KV copy's payload is its block ids.
 Payload: token_ids, positions, slot_mapping (T each), block_tables (B * M), the
 sequences' (start, n_new, n_ctx) (B * 3), logits_indices (N), then per move its
 length L, its delta, and its L source and L destination slots.
@@ -15,21 +15,37 @@ length L, its delta, and its L source and L destination slots.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from runtime.forward_batch import ForwardBatch, SeqSlice
 
 HEADER = 8
 Move = tuple[tuple[int, ...], tuple[int, ...], int]
-Message = tuple[list[Move], ForwardBatch | None] | None
 
-STOP, MOVES, STEP = 0, 1, 2
+
+@dataclass(frozen=True)
+class KVCopy:
+    """Rank 0 asks every rank to read (slot save) or write (slot restore) these KV blocks."""
+
+    write: bool
+    blocks: tuple[int, ...]
+
+
+Message = tuple[list[Move], ForwardBatch | None] | KVCopy | None
+
+STOP, MOVES, STEP, READ_KV, WRITE_KV = 0, 1, 2, 3, 4
 
 
 def pack(msg: Message) -> tuple[torch.Tensor, torch.Tensor]:
     """(header (HEADER,), payload) int64 CPU tensors for `msg` (None: the stop message)."""
     if msg is None:
         return torch.zeros(HEADER, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
+    if isinstance(msg, KVCopy):
+        blocks = torch.tensor(msg.blocks, dtype=torch.int64)
+        kind = WRITE_KV if msg.write else READ_KV
+        return torch.tensor([kind, 0, 0, 0, 0, 0, blocks.numel(), 0], dtype=torch.int64), blocks
     moves, batch = msg
     flat: list[int] = []
     for src, dst, delta in moves:
@@ -56,6 +72,8 @@ def unpack(header: torch.Tensor, payload: torch.Tensor) -> Message:
     kind, t, nb, m, n, k, _, q8_rows = (int(v) for v in header.tolist())
     if kind == STOP:
         return None
+    if kind in (READ_KV, WRITE_KV):
+        return KVCopy(kind == WRITE_KV, tuple(payload.tolist()))
     at = 0
 
     def take(count: int) -> torch.Tensor:

@@ -8,9 +8,11 @@ import threading
 
 import torch
 
+from runtime import kv_copy
 from runtime.config import EngineConfig
 from runtime.loader import LoadedModel
 from runtime.model_runner import ModelRunner
+from runtime.step_message import KVCopy
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,9 @@ def run_worker(loaded: LoadedModel, cfg: EngineConfig) -> int:
         msg = par.receive()
         if msg is None:  # rank 0 is shutting down
             break
+        if isinstance(msg, KVCopy):  # a slot save or restore
+            kv_copy.serve(runner.cache, par, loaded.config, msg)
+            continue
         moves, batch = msg
         runner.forward(moves, batch)
         steps += 1

@@ -3,7 +3,7 @@
 import torch
 
 from runtime.forward_batch import ForwardBatch
-from runtime.step_message import HEADER, pack, payload_size, unpack
+from runtime.step_message import HEADER, KVCopy, pack, payload_size, unpack
 
 
 def _same(a: ForwardBatch, b: ForwardBatch) -> None:
@@ -40,6 +40,13 @@ def test_int8_decode_rows_travel():
     _, got = _roundtrip(([], batch))
     assert got is not None
     _same(got, batch)
+
+
+def test_kv_copies():
+    """Slot save / restore under tensor parallelism: which blocks to read or write."""
+    assert _roundtrip(KVCopy(False, (3, 1, 2))) == KVCopy(False, (3, 1, 2))
+    assert _roundtrip(KVCopy(True, (7,))) == KVCopy(True, (7,))
+    assert _roundtrip(KVCopy(True, ())) == KVCopy(True, ())
 
 
 def test_moves_only_empty_and_stop():

@@ -237,6 +237,48 @@ def test_int8_decode_rows_split_as_one_process_runs_them(tmp_path, arch, qtype):
     assert _two_processes(path, prompts, decode_dtype="int8")["ids"] == expected
 
 
+@pytest.mark.parametrize(
+    "arch, qtype, kw",
+    [("llama", "Q8_0", {}), ("gemma3", "Q4_K", dict(n_kv_heads=1))],  # 2 KV heads split; 1 replicated
+)
+def test_slot_files_move_between_one_and_two_processes(tmp_path, arch, qtype, kw):
+    """--slot-save-path under tensor parallelism: rank 0 gathers every rank's KV heads into
+    the file and hands each rank its heads back, so a file saved by either restores on
+    the other and the continuation is what it would have been."""
+    from tests.tp_harness import slots
+
+    path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch, qtype, **kw)
+    prompt = _prompts(512)[2]  # 41 tokens
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+
+    def engine(save_dir):
+        cfg = EngineConfig(model_path=str(path), n_ctx=1024, slot_save_path=str(save_dir))
+        return Engine(cfg, load_model(path))
+
+    def two_processes(save_dir, action) -> dict:
+        out = spawn([str(path), json.dumps([prompt]), "8", "1024", "float32", str(save_dir), action], world=2)
+        return json.loads(out[0])
+
+    saved_one = slots(engine(one), prompt, "save")
+    saved_two = two_processes(two, "save")
+    assert saved_two["ids"] == saved_one["ids"] and saved_two["n_saved"] == saved_one["n_saved"] == 48
+    a = torch.load(one / "slot.bin", weights_only=True)
+    b = torch.load(two / "slot.bin", weights_only=True)
+    assert a["tokens"] == b["tokens"] and a["n_kv_blocks"] == b["n_kv_blocks"] > 0
+    for x, y in zip(a["k"] + a["v"], b["k"] + b["v"]):  # every head, from both ranks
+        assert x.shape == y.shape and x.shape[2] == load_model(path).config.n_kv_heads
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    # a fresh engine computing the same context itself: what a restore must reproduce
+    context = a["tokens"]
+    expected = engine(one).generate([context + [7, 8, 9]], SamplingParams(temperature=0.0, n_predict=8, ignore_eos=True))[0]
+    restored_by_two = two_processes(one, "restore")  # the one-process file, on two ranks
+    restored_by_one = slots(engine(two), prompt, "restore")  # the two-process file, on one
+    for r in (restored_by_two, restored_by_one):
+        assert r["n_restored"] == 48 and r["cached_blocks"] == a["n_kv_blocks"]
+        assert r["ids"] == expected
+
+
 def test_two_processes_shift_the_context_as_one_does(tmp_path):
     """A model with a 64-token context filled twice over: the KV moves of each context
     shift (the pool has room for them) reach rank 1."""

@@ -64,6 +64,23 @@ def spawn(
     return outs
 
 
+def slots(engine, prompt: list[int], action: str) -> dict:
+    """Rank 0's part of the slot test: `save` generates from `prompt` in slot 0 and saves it
+    to slot.bin; `restore` restores slot.bin and continues from the restored context."""
+    from runtime.sampling_params import SamplingParams
+    from runtime.slot_store import restore_slot, save_slot
+
+    greedy = SamplingParams(temperature=0.0, n_predict=8, ignore_eos=True)
+    if action == "save":
+        ids = engine.generate([prompt], greedy)[0]
+        return {"ids": ids, "n_saved": save_slot(engine, 0, "slot.bin").n_tokens}
+    n = restore_slot(engine, 0, "slot.bin").n_tokens
+    context = engine.scheduler.slot_tokens[0]
+    bm = engine.blocks
+    cached = len(bm.match_prefix(bm.hashes(context, [])))  # restored blocks, named for reuse
+    return {"n_restored": n, "cached_blocks": cached, "ids": engine.generate([context + [7, 8, 9]], greedy)[0]}
+
+
 def main(argv: list[str]) -> int:
     import torch.distributed as dist
 
@@ -77,13 +94,21 @@ def main(argv: list[str]) -> int:
     model, prompts, n_predict = argv[0], json.loads(argv[1]), int(argv[2])
     n_ctx = int(argv[3]) if len(argv) > 3 else 1024
     decode_dtype = argv[4] if len(argv) > 4 else "float32"
+    slot_dir, slot_action = (argv[5], argv[6]) if len(argv) > 6 else (None, None)
     par = parallel.from_env("cpu")
-    cfg = EngineConfig(model_path=model, n_ctx=n_ctx, n_threads=1, decode_dtype=decode_dtype)
+    cfg = EngineConfig(
+        model_path=model, n_ctx=n_ctx, n_threads=1, decode_dtype=decode_dtype, slot_save_path=slot_dir
+    )
     loaded = load_model(model, parallel=par)
     if par is not None and not par.is_driver:
         run_worker(loaded, cfg)
     else:
         engine = Engine(cfg, loaded)
+        if slot_action is not None:
+            print(json.dumps(slots(engine, prompts[0], slot_action)))
+            engine.runner.close()
+            dist.destroy_process_group()
+            return 0
         t0 = time.perf_counter()
         ids = engine.generate(
             prompts, SamplingParams(temperature=0.0, n_predict=n_predict, ignore_eos=True)
