@@ -61,3 +61,42 @@ def teacher_forced(engine, tokenizer, cases: list[dict]) -> Agreement:
                 err_sum += abs(float(row[tid]) - lp)
                 err_n += 1
     return Agreement(steps, top1, err_sum / err_n)
+
+
+def teacher_forced_decode(engine, tokenizer, cases: list[dict]) -> Agreement:
+    """teacher_forced, but llama.cpp's tokens go in one per step as decode rows (the path
+    --decode-dtype concerns); the prompt is one prefill step."""
+    import torch
+
+    from runtime.forward_batch import ForwardBatch
+
+    runner = engine.runner
+    steps = top1 = 0
+    err_sum, err_n = 0.0, 0
+    for case in cases:
+        prompt = tokenizer.encode(case["prompt"], add_special=case.get("add_bos", True))
+        seq = prompt + case["tokens"]
+        blocks = engine.blocks.allocate(engine.blocks.blocks_needed(len(seq), 0))
+        try:
+            rows = {}
+            done, feed = 0, prompt
+            for k in range(len(case["tokens"])):
+                decode = done > 0  # one token fed back, as a generated one is
+                q8 = [decode and runner.decode_dtype == "int8"]
+                batch = ForwardBatch.build([feed], [done], [blocks], runner.block_size, q8=q8)
+                hidden = runner.forward([], batch)
+                with torch.inference_mode():
+                    rows[k] = runner.model.logits(hidden[batch.logits_indices]).log_softmax(-1)[0]
+                done += len(feed)
+                feed = [case["tokens"][k]]
+        finally:
+            engine.blocks.free(blocks)
+        for k, step in aligned_steps(case):
+            row = rows[k]
+            steps += 1
+            top1 += int(row.argmax()) == step["top"][0][0]
+            for tid, lp in step["top"][:5]:
+                err_sum += abs(float(row[tid]) - lp)
+                err_n += 1
+    return Agreement(steps, top1, err_sum / err_n)
+
