@@ -41,8 +41,10 @@ class KVCache:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (T, kv_heads, head_dim) at flat slots (T,)."""
-        self.k[layer].view(-1, *self.k[layer].shape[2:])[slots] = k.to(self.k[layer].dtype)
-        self.v[layer].view(-1, *self.v[layer].shape[2:])[slots] = v.to(self.v[layer].dtype)
+        kc, vc = self.k[layer], self.v[layer]
+        # index_copy_: half the per-call cost of an indexed assignment, in decode steps' 2 x 18 writes
+        kc.view(-1, *kc.shape[2:]).index_copy_(0, slots, k if k.dtype == kc.dtype else k.to(kc.dtype))
+        vc.view(-1, *vc.shape[2:]).index_copy_(0, slots, v if v.dtype == vc.dtype else v.to(vc.dtype))
 
     def gather(
         self, layer: int, blocks: torch.Tensor, start: int, end: int

@@ -154,6 +154,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("-m", "--model", help="GGUF file (default: the bundled model)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps")
+    ap.add_argument("-ngl", "--n-gpu-layers", type=int, help="llama.cpp's partial offload: the last N layers on --device")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--weights", default="quant", choices=["quant", "dense"])
     ap.add_argument("--gemm-dtype", default="bfloat16", choices=["float32", "bfloat16"])
@@ -187,6 +189,7 @@ def main() -> int:
     cfg = EngineConfig(
         model_path=path, dtype=args.dtype, weights=args.weights, gemm_dtype=args.gemm_dtype,
         head_dtype=args.head_dtype, decode_dtype=args.decode_dtype, n_threads=args.threads, n_ctx=n_ctx,
+        device=args.device, n_gpu_layers=args.n_gpu_layers,
         n_parallel=most, n_batch=max(2048, args.prompt_tokens),
     )
     engine = Engine(cfg)
@@ -236,6 +239,7 @@ def main() -> int:
         "weight_mb": round(engine.loaded.weight_bytes / 1e6, 1),
         "file_tensor_mb": round(engine.loaded.gguf.tensor_bytes / 1e6, 1),
         "threads": args.threads,
+        "device": str(engine.loaded.device),
         "load_s": round(load_s, 2),
         f"prompt_tok_s_pp{args.prompt_tokens}": round(max(pp), 1),
         f"decode_tok_s_c{args.concurrency}": round(max(tg), 1),
@@ -244,6 +248,9 @@ def main() -> int:
         "kv_cache_mb": round(engine.runner.cache.nbytes / 2**20, 1),
         "served": served,
     }
+    if torch.cuda.is_available() and engine.loaded.device.type == "cuda":
+        result["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        result["gpu_name"] = torch.cuda.get_device_name(engine.loaded.device)
     print(json.dumps(result))
     return 0
 

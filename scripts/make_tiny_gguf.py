@@ -94,6 +94,23 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+# Full-size shapes for benchmarks (random weights): `--preset llama3-8b`.
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama3-8b": {
+        "arch": "llama", "n_layers": 32, "hidden": 4096, "ffn": 14336, "n_heads": 32,
+        "n_kv_heads": 8, "head_dim": 128, "vocab_size": 128256, "context_length": 8192,
+        "rope_base": 500000.0,
+    },
+}  # fmt: skip
+
+# Matrices of at least this many values in Q4_0 / Q8_0 are written as uniform random
+# quants with one scale (seconds for an 8B model); smaller ones go through gguf-py's
+# quantizer of random floats (exact round trips for the tests' tiny models).
+FAST_VALUES = 1 << 24
+# std of the values of uniform random quants: Q4_0 (n - 8), n in 0..15; Q8_0 int8
+_UNIFORM_STD = {GGMLQuantizationType.Q4_0: ((16**2 - 1) / 12) ** 0.5, GGMLQuantizationType.Q8_0: ((256**2 - 1) / 12) ** 0.5}
+
+
 def tiny_spec(arch: str = "llama", **overrides: Any) -> TinySpec:
     """The default spec of `arch` with `overrides` (TinySpec field names) applied."""
     if arch not in ARCH_DEFAULTS:
@@ -124,8 +141,16 @@ def tiny_vocab(n: int) -> tuple[list[str], list[float], list[int]]:
         ("".join(p) for p in itertools.product(letters, repeat=2)),
         ("▁" + "".join(p) for p in itertools.product(letters, repeat=2)),
         ("".join(p) for p in itertools.product(letters, repeat=3)),
+        ("".join(p) for p in itertools.product(letters, repeat=4)),  # up to ~476k pieces
     )
-    pieces = list(dict.fromkeys(itertools.islice(candidates, n - FIRST_PIECE_ID)))
+    pieces: list[str] = []
+    seen: set[str] = set()
+    for c in candidates:  # in order, each piece once ("▁of" is a word and a letter pair)
+        if len(pieces) == n - FIRST_PIECE_ID:
+            break
+        if c not in seen:
+            seen.add(c)
+            pieces.append(c)
     if len(pieces) < n - FIRST_PIECE_ID:
         raise ValueError(f"vocab_size {n} is larger than this generator supports")
     scores = [0.0] * FIRST_PIECE_ID + [-float(i) for i in range(len(pieces))]
@@ -184,6 +209,11 @@ def encode(
     std = 1.0 / np.sqrt(cols)
     if qtype in _K_SCALE_OFFSETS:
         return _random_kquant(rows, cols, qtype, rng, std)
+    if qtype in _UNIFORM_STD and rows * cols >= FAST_VALUES:
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        raw = rng.integers(0, 256, size=(rows * cols // block, type_size), dtype=np.uint8)
+        raw[:, :2] = np.full((raw.shape[0], 1), std / _UNIFORM_STD[qtype], dtype="<f2").view(np.uint8)
+        return raw.reshape(rows, -1)
     w = (rng.standard_normal((rows, cols)) * std).astype(np.float32)
     if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
         return w if qtype == GGMLQuantizationType.F32 else w.astype(np.float16)
@@ -386,10 +416,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, help="block count (default: per arch)")
     p.add_argument("--vocab", type=int, help="vocabulary size (default 512)")
     p.add_argument("--sliding-window", type=int, help="gemma sliding window (default 8)")
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS),
+        help="a full-size model's shapes (random weights, for benchmarks; Q4_0 or Q8_0 write fastest)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     names = {"layers": "n_layers", "vocab": "vocab_size", "sliding_window": "sliding_window"}
-    overrides = {f: getattr(args, a) for a, f in names.items() if getattr(args, a) is not None}
-    out = write_tiny_gguf(args.out, args.arch, args.qtype, args.seed, **overrides)
+    overrides = dict(PRESETS[args.preset]) if args.preset else {}
+    arch = overrides.pop("arch", args.arch)
+    overrides.update({f: getattr(args, a) for a, f in names.items() if getattr(args, a) is not None})
+    out = write_tiny_gguf(args.out, arch, args.qtype, args.seed, **overrides)
     print(f"wrote {out} ({out.stat().st_size} bytes)", file=sys.stderr)
     return 0
 

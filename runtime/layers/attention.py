@@ -30,10 +30,15 @@ def paged_attention(
     (key j is visible from query i when i - window < j <= i, as llama.cpp masks).
     """
     cache.write(layer, batch.slot_mapping, k, v)
-    out = torch.empty(q.shape[0], q.shape[1], cache.v[layer].shape[-1], dtype=q.dtype, device=q.device)
     plan = decode_plan(batch, cache.block_size, sliding_window)
+    if plan is not None and plan.prefix == q.shape[0]:  # a decode-only step: every row at once
+        return _decode(q, cache, layer, plan, scale, softcap)
+    out = torch.empty(q.shape[0], q.shape[1], cache.v[layer].shape[-1], dtype=q.dtype, device=q.device)
     if plan is not None:
-        _decode_rows(q, out, cache, layer, plan, scale, softcap)
+        if plan.prefix:  # the decode rows lead the batch (--decode-dtype int8 lays them out so)
+            out[: plan.prefix] = _decode(q[: plan.prefix], cache, layer, plan, scale, softcap)
+        else:
+            out[plan.starts] = _decode(q[plan.starts], cache, layer, plan, scale, softcap)
     for b, s in enumerate(batch.seqs):
         if s.n_new == 1:
             continue
@@ -58,6 +63,7 @@ class DecodePlan:
     blocks: torch.Tensor  # (B, W) block ids, from the block of each sequence's first visible key
     lo: torch.Tensor  # (B,) first visible key, counted from the first of those blocks
     hi: torch.Tensor  # (B,) one past the last (the new token's own)
+    prefix: int  # B when the decode rows are batch rows 0 .. B-1 in order, else 0
 
 
 def decode_plan(batch: ForwardBatch, block_size: int, window: int) -> DecodePlan | None:
@@ -85,26 +91,28 @@ def decode_plan(batch: ForwardBatch, block_size: int, window: int) -> DecodePlan
         def ints(xs: list[int]) -> torch.Tensor:
             return torch.tensor(xs, dtype=torch.int64, device=dev)
 
+        starts = [s.start for s in seqs]
         plan = DecodePlan(
-            starts=ints([s.start for s in seqs]),
+            starts=ints(starts),
             blocks=tables.gather(1, cols),
             lo=ints([x - f * bs for x, f in zip(lo, first)]),
             hi=ints([s.n_ctx - f * bs for s, f in zip(seqs, first)]),
+            prefix=len(seqs) if starts == list(range(len(seqs))) else 0,
         )
     batch.memo[window] = plan
     return plan
 
 
-def _decode_rows(
-    q: torch.Tensor, out: torch.Tensor, cache: KVCache, layer: int, plan: DecodePlan, scale: float, softcap: float
-) -> None:
-    """One attention call for every sequence with a single new token (decode), into out's rows.
+def _decode(
+    q: torch.Tensor, cache: KVCache, layer: int, plan: DecodePlan, scale: float, softcap: float
+) -> torch.Tensor:
+    """One attention call for every sequence with a single new token (decode): q (B, H, D),
+    its rows in the plan's order -> (B, H, Dv).
 
     The keys are read where they lie in the paged cache (a fused kernel on the CPU; the
     reference gathers whole blocks and masks the rest).
     """
-    o = ops.paged_decode(q[plan.starts], cache.k[layer], cache.v[layer], plan.blocks, plan.lo, plan.hi, scale, softcap)
-    out[plan.starts] = o  # (B, H, Dv)
+    return ops.paged_decode(q, cache.k[layer], cache.v[layer], plan.blocks, plan.lo, plan.hi, scale, softcap)
 
 
 def _attend(

@@ -84,7 +84,7 @@ class QuantLinear:
             y = torch.cat([q8, matmul(x[q8_rows:], w.data, w.qtype, w.shape[1])])
         if self.bias is not None:
             y = y + self.bias
-        return y.to(x.dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def linear(weight: Weight, bias: torch.Tensor | None = None) -> Linear | QuantLinear:

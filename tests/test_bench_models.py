@@ -1,0 +1,47 @@
+"""Benchmark models: scripts/make_tiny_gguf.py's full-size presets with fast random weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from runtime.config import EngineConfig
+from runtime.engine import Engine
+from runtime.ops import reference
+from runtime.sampling_params import SamplingParams
+from scripts.make_tiny_gguf import FAST_VALUES, PRESETS, encode, main, tiny_spec, tiny_vocab
+
+
+def test_the_llama3_8b_preset_has_its_shapes():
+    spec = tiny_spec(**{k: v for k, v in PRESETS["llama3-8b"].items() if k != "arch"})
+    assert (spec.n_layers, spec.hidden, spec.ffn, spec.n_heads, spec.n_kv_heads, spec.head_dim) == (
+        32, 4096, 14336, 32, 8, 128,
+    )  # fmt: skip
+    assert spec.vocab_size == 128256
+    tokens, scores, types = tiny_vocab(128256)
+    assert len(tokens) == len(set(tokens)) == len(scores) == len(types) == 128256
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0])
+def test_big_matrices_are_uniform_random_quants_with_the_right_spread(qtype):
+    rows, cols = FAST_VALUES // 4096, 4096
+    data = encode(qtype, rows, cols, np.random.default_rng(0))
+    assert data.dtype == np.uint8 and data.shape[0] == rows
+    w = reference.dequantize(torch.from_numpy(data[:512].copy()), int(qtype), cols)
+    std = 1 / cols**0.5
+    assert abs(w.std().item() / std - 1) < 0.02  # as gguf-py's quantized random floats have
+    assert abs(w.mean().item()) < 0.15 * std
+
+
+@pytest.mark.slow
+def test_a_cut_down_preset_loads_and_generates(tmp_path):
+    """Full-width layers (hidden 4096, ffn 14336) of the preset, one of them, a small vocabulary."""
+    path = tmp_path / "l3.gguf"
+    assert main([str(path), "--preset", "llama3-8b", "--type", "Q4_0", "--layers", "1", "--vocab", "4096"]) == 0
+    engine = Engine(EngineConfig(model_path=str(path), n_ctx=256, n_threads=2))
+    cfg = engine.loaded.config
+    assert (cfg.hidden, cfg.ffn, cfg.n_heads, cfg.n_kv_heads, cfg.n_layers) == (4096, 14336, 32, 8, 1)
+    out = engine.generate([[1, 300, 301, 302]], SamplingParams(temperature=0.0, n_predict=4, ignore_eos=True))
+    assert len(out[0]) == 4
