@@ -1,6 +1,8 @@
-"""Benchmark models: scripts/make_tiny_gguf.py's full-size presets with fast random weights."""
+"""Benchmark tools: make_tiny_gguf.py's full-size presets with fast random weights, the HTTP bench client."""
 
 from __future__ import annotations
+
+import random
 
 import numpy as np
 import pytest
@@ -45,3 +47,16 @@ def test_a_cut_down_preset_loads_and_generates(tmp_path):
     assert (cfg.hidden, cfg.ffn, cfg.n_heads, cfg.n_kv_heads, cfg.n_layers) == (4096, 14336, 32, 8, 1)
     out = engine.generate([[1, 300, 301, 302]], SamplingParams(temperature=0.0, n_predict=4, ignore_eos=True))
     assert len(out[0]) == 4
+
+
+def test_the_http_bench_client_measures_a_live_server(llama3_tiny_path):
+    """scripts/bench_http.py: what it reports comes from the server's own counts."""
+    from http_api.cli import ServerSettings
+    from http_api.testing import LiveServer
+    from scripts.bench_http import round_of
+
+    settings = ServerSettings(model=str(llama3_tiny_path), n_threads=1, n_ctx=1024, n_parallel=2)
+    with LiveServer(settings) as srv:
+        got = round_of(srv.url, 2, 5, 12, random.Random(0))
+    assert set(got) == {"tok_s", "ttft_ms", "ttft_max_ms", "per_client_tok_s"}
+    assert got["tok_s"] > 0 and 0 < got["ttft_ms"] <= got["ttft_max_ms"]
