@@ -43,24 +43,12 @@ def aligned_steps(case: dict) -> list[tuple[int, dict]]:
 
 def teacher_forced(engine, tokenizer, cases: list[dict]) -> Agreement:
     """Feed each prompt + llama.cpp's own tokens; compare our next-token log-probs at each step."""
-    steps = top1 = 0
-    err_sum, err_n = 0.0, 0
-    for case in cases:
-        prompt = tokenizer.encode(case["prompt"], add_special=case.get("add_bos", True))
-        seq = prompt + case["tokens"]
-        blocks = engine.blocks.allocate(engine.blocks.blocks_needed(len(seq), 0))
-        try:
-            logprobs = engine.runner.score(seq, blocks).log_softmax(-1)
-        finally:
-            engine.blocks.free(blocks)
-        for k, step in aligned_steps(case):
-            row = logprobs[len(prompt) - 1 + k]
-            steps += 1
-            top1 += int(row.argmax()) == step["top"][0][0]
-            for tid, lp in step["top"][:5]:
-                err_sum += abs(float(row[tid]) - lp)
-                err_n += 1
-    return Agreement(steps, top1, err_sum / err_n)
+
+    def log_probs(prompt: list[int], tokens: list[int], blocks: list[int]) -> list:
+        logprobs = engine.runner.score(prompt + tokens, blocks).log_softmax(-1)
+        return [logprobs[len(prompt) - 1 + k] for k in range(len(tokens))]
+
+    return _agreement(engine, tokenizer, cases, log_probs)
 
 
 def teacher_forced_decode(engine, tokenizer, cases: list[dict]) -> Agreement:
@@ -71,24 +59,33 @@ def teacher_forced_decode(engine, tokenizer, cases: list[dict]) -> Agreement:
     from runtime.forward_batch import ForwardBatch
 
     runner = engine.runner
+
+    def log_probs(prompt: list[int], tokens: list[int], blocks: list[int]) -> list:
+        rows = []
+        done, feed = 0, prompt
+        for k in range(len(tokens)):
+            q8 = [done > 0 and runner.decode_dtype == "int8"]  # one token fed back, as a generated one is
+            batch = ForwardBatch.build([feed], [done], [blocks], runner.block_size, q8=q8)
+            hidden = runner.forward([], batch)
+            with torch.inference_mode():
+                rows.append(runner.model.logits(hidden[batch.logits_indices]).log_softmax(-1)[0])
+            done += len(feed)
+            feed = [tokens[k]]
+        return rows
+
+    return _agreement(engine, tokenizer, cases, log_probs)
+
+
+def _agreement(engine, tokenizer, cases: list[dict], log_probs) -> Agreement:
+    """Score log_probs(prompt, llama.cpp's tokens, blocks) -> our log-probs before each token."""
     steps = top1 = 0
     err_sum, err_n = 0.0, 0
     for case in cases:
         prompt = tokenizer.encode(case["prompt"], add_special=case.get("add_bos", True))
-        seq = prompt + case["tokens"]
-        blocks = engine.blocks.allocate(engine.blocks.blocks_needed(len(seq), 0))
+        n = len(prompt) + len(case["tokens"])
+        blocks = engine.blocks.allocate(engine.blocks.blocks_needed(n, 0))
         try:
-            rows = {}
-            done, feed = 0, prompt
-            for k in range(len(case["tokens"])):
-                decode = done > 0  # one token fed back, as a generated one is
-                q8 = [decode and runner.decode_dtype == "int8"]
-                batch = ForwardBatch.build([feed], [done], [blocks], runner.block_size, q8=q8)
-                hidden = runner.forward([], batch)
-                with torch.inference_mode():
-                    rows[k] = runner.model.logits(hidden[batch.logits_indices]).log_softmax(-1)[0]
-                done += len(feed)
-                feed = [case["tokens"][k]]
+            rows = log_probs(prompt, case["tokens"], blocks)
         finally:
             engine.blocks.free(blocks)
         for k, step in aligned_steps(case):
@@ -99,4 +96,3 @@ def teacher_forced_decode(engine, tokenizer, cases: list[dict]) -> Agreement:
                 err_sum += abs(float(row[tid]) - lp)
                 err_n += 1
     return Agreement(steps, top1, err_sum / err_n)
-

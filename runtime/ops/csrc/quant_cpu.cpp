@@ -185,6 +185,14 @@ void check_weight(const torch::Tensor& w, int64_t qtype, int64_t k) {
                 " bytes do not hold ", k, " values of GGUF type ", qtype);
 }
 
+// x (t, k) of a product with W, checked and made contiguous in `dtype`.
+torch::Tensor checked_input(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, int64_t k,
+                            torch::ScalarType dtype) {
+    check_weight(w, qtype, k);
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x must be (tokens, ", k, ")");
+    return x.to(dtype).contiguous();
+}
+
 // With --gemm-dtype bfloat16 the large-batch path lets oneDNN run its float32 GEMM on the
 // bfloat16 units (fp32_precision "bf16": operands split into bfloat16 parts, float32 in and
 // out, ~1e-6 relative error). Only around that GEMM: torch's CPU flash attention runs ~10x
@@ -262,9 +270,7 @@ torch::Tensor matvec(const torch::Tensor& x, const torch::Tensor& w, int64_t qty
 
 // x (t, k) float32 @ W^T, W (n, row_bytes) GGUF blocks of `qtype` -> (t, n) float32.
 torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype, int64_t k) {
-    check_weight(w, qtype, k);
-    TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "x must be (tokens, ", k, ")");
-    const auto x = x_in.to(torch::kFloat32).contiguous();
+    const auto x = checked_input(x_in, w, qtype, k, torch::kFloat32);
     const int64_t t = x.size(0), n = w.size(0), row_bytes = w.stride(0);
     if (t > kSmallBatch) {
         const Bf16MatmulScope scope(g_gemm_bf16.load(std::memory_order_relaxed));
@@ -286,9 +292,7 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& w, int64_t
 // x (t, k) @ W^T with x and W's values rounded to bfloat16, float32 sums -> (t, n) float32.
 // Every t takes the row kernels (no GEMM path), so each row of y is the same whatever t is.
 torch::Tensor qmatmul_bf16(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype, int64_t k) {
-    check_weight(w, qtype, k);
-    TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "x must be (tokens, ", k, ")");
-    const auto xb = x_in.to(torch::kBFloat16).contiguous();  // the rounded operand (t, k)
+    const auto xb = checked_input(x_in, w, qtype, k, torch::kBFloat16);  // the rounded operand (t, k)
     const auto xr = xb.to(torch::kFloat32);                  // its values as float32
     const int64_t t = xb.size(0), n = w.size(0), row_bytes = w.stride(0);
     auto y = torch::empty({t, n}, torch::dtype(torch::kFloat32));
@@ -337,9 +341,7 @@ torch::Tensor quantized_q8(const torch::Tensor& x) {
 // x (t, k) @ W^T with x's rows quantized to int8 per 32 values (scale amax / 127) -> (t, n)
 // float32: llama.cpp's CPU numerics for decode rows. Each row of y is the same whatever t is.
 torch::Tensor qmatmul_q8(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype, int64_t k) {
-    check_weight(w, qtype, k);
-    TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "x must be (tokens, ", k, ")");
-    const auto x = x_in.to(torch::kFloat32).contiguous();
+    const auto x = checked_input(x_in, w, qtype, k, torch::kFloat32);
 #ifdef QK_HAVE_VNNI
     const int off = k_vnni::q8_offset((int)qtype);
     if (off >= 0 && use_int8_dot()) {
