@@ -27,7 +27,12 @@ def _paths() -> list[bool]:
 @pytest.mark.parametrize("qt", TYPES, ids=lambda q: q.name)
 def test_qmatmul_q8_matches_reference(qt, isa):
     """Only the order of the float32 sums may differ from x_hat @ W_hat^T; a row never depends on its batch."""
-    k = 512 if GGML_QUANT_SIZES[qt][0] == 256 else 96  # 3 blocks of 32: a half-filled last chunk
+    # 32-value blocks: 3 (a half-filled last chunk), 7, 5 and 6 per row
+    for k in (512,) if GGML_QUANT_SIZES[qt][0] == 256 else (96, 224, 160, 192):
+        _check_qmatmul_q8(qt, k)
+
+
+def _check_qmatmul_q8(qt: T, k: int) -> None:
     w = weight(qt, 45, k, seed=3)
     wd = reference.dequantize(w, int(qt), k).double()
     for native in _paths():
@@ -40,7 +45,7 @@ def test_qmatmul_q8_matches_reference(qt, isa):
                 got = ops.qmatmul_q8(x, w, int(qt), k)
                 assert got.shape == (t, 45) and got.dtype == torch.float32
                 err = ((got - want).abs() / scale.clamp_min(1e-30)).max().item()
-                assert err < 1e-6, f"{qt.name} t={t} native={native}: error {err:.2e} of the products' magnitude"
+                assert err < 1e-6, f"{qt.name} k={k} t={t} native={native}: error {err:.2e} of the products' magnitude"
                 alone = torch.cat([ops.qmatmul_q8(x[i : i + 1], w, int(qt), k) for i in range(t)])
                 assert torch.equal(alone, got), f"{qt.name} t={t}: a row changed with the batch"
         finally:
