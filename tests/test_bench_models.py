@@ -13,7 +13,8 @@ from runtime.config import EngineConfig
 from runtime.engine import Engine
 from runtime.ops import reference
 from runtime.sampling_params import SamplingParams
-from scripts.make_tiny_gguf import FAST_VALUES, PRESETS, encode, main, tiny_spec, tiny_vocab
+from scripts.make_tiny_gguf import PRESETS, main, tiny_spec, tiny_vocab
+from scripts.random_tensors import FAST_VALUES, encode
 
 
 def test_the_llama3_8b_preset_has_its_shapes():

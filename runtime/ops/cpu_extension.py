@@ -18,7 +18,10 @@ from runtime.errors import GGUFServeError
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("quant_cpu.cpp", "quant_kernels.h", "quant_fused_avx512.h", "quant_bf16.h", "quant_q8.h", "work_pool.h", "fused_cpu.cpp")
+SOURCES = (
+    "quant_cpu.cpp", "quant_types.h", "quant_kernels.h", "quant_fused_avx512.h", "quant_bf16.h", "quant_q8.h",
+    "work_pool.h", "fused_cpu.cpp",
+)  # fmt: skip
 COMPILED = ("quant_cpu.cpp", "fused_cpu.cpp")  # translation units; the .h files are included
 # -ffp-contract=off: no fused multiply-adds in dequantization, so blocks match the torch
 # reference bit for bit; -fopenmp-simd: `omp simd` vectorization hints only (threads are
