@@ -107,8 +107,8 @@ class SlotStore:
                 "Unable to restore slot: the file was saved for another model"
             )
         tokens: list[int] = state["tokens"]
+        n_blocks = _check_blocks(engine, state, path.name)
         bm = engine.blocks
-        n_blocks = int(state["n_kv_blocks"])
         hashes = bm.hashes(tokens, [])[:n_blocks]
         hit = bm.match_prefix(hashes)  # blocks already cached need no copy
         todo = list(range(len(hit), n_blocks))
@@ -177,6 +177,26 @@ def _signature(engine: Engine) -> dict[str, Any]:
         "dtype": engine.cfg.dtype,
         "model_file": Path(engine.cfg.model_path).name,
     }
+
+
+def _check_blocks(engine: Engine, state: dict[str, Any], name: str) -> int:
+    """The file's block count, once its tokens and K/V are what this model's cache holds: a
+    file that passes the signature but not this (edited, or damaged) is refused here, before
+    anything is written or, under tensor parallelism, sent to the other ranks."""
+    c, bs = engine.loaded.config, engine.cfg.block_size
+    n, tokens, k, v = state.get("n_kv_blocks"), state.get("tokens"), state.get("k"), state.get("v")
+    ok = (
+        isinstance(n, int) and n >= 0
+        and isinstance(tokens, list) and all(isinstance(t, int) for t in tokens) and n * bs <= len(tokens)
+        and isinstance(k, list) and isinstance(v, list) and len(k) == len(v) == (c.n_layers if n else 0)
+        and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in k + v)
+        and all(tuple(t.shape) == (n, bs, c.n_kv_heads, c.head_dim) for t in k)
+        and all(tuple(t.shape) == (n, bs, c.n_kv_heads, c.v_head_dim) for t in v)
+    )  # fmt: skip
+    if not ok:
+        raise InvalidRequestError(f"Unable to restore slot: {name!r} does not hold this model's KV blocks")
+    assert isinstance(n, int)
+    return n
 
 
 def _load(path: Path) -> dict[str, Any]:

@@ -113,3 +113,20 @@ def test_errors(loaded, tmp_path, prompt):
     other = engine(loaded, tmp_path, block_size=32)
     with pytest.raises(InvalidRequestError, match="another model"):
         restore_slot(other, 0, "a.bin")
+    # the right signature over the wrong contents: refused before anything is written
+    good = torch.load(tmp_path / "a.bin", weights_only=True)
+    assert good["n_kv_blocks"] > 0
+    for name, change in [
+        ("dims.bin", lambda s: s["k"].__setitem__(0, s["k"][0][..., 1:])),
+        ("layers.bin", lambda s: s["v"].pop()),
+        ("count.bin", lambda s: s.__setitem__("n_kv_blocks", s["n_kv_blocks"] + 1)),
+        ("tokens.bin", lambda s: s.__setitem__("tokens", s["tokens"][:1])),
+        ("ints.bin", lambda s: s["k"].__setitem__(0, s["k"][0].long())),
+    ]:
+        bad = {**good, "k": list(good["k"]), "v": list(good["v"])}
+        change(bad)
+        torch.save(bad, tmp_path / name)
+        free = e.num_free_blocks
+        with pytest.raises(InvalidRequestError, match="does not hold this model's KV blocks"):
+            restore_slot(e, 0, name)
+        assert e.num_free_blocks == free
