@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from runtime.config import EngineConfig  # noqa: E402
+from runtime.config import DECODE_DTYPES, GEMM_DTYPES, HEAD_DTYPES, WEIGHTS, EngineConfig  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
 from runtime.grammar import JSON_GBNF  # noqa: E402
 from runtime.sampling_params import SamplingParams  # noqa: E402
@@ -157,10 +157,10 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps")
     ap.add_argument("-ngl", "--n-gpu-layers", type=int, help="llama.cpp's partial offload: the last N layers on --device")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--weights", default="quant", choices=["quant", "dense"])
-    ap.add_argument("--gemm-dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    ap.add_argument("--head-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    ap.add_argument("--decode-dtype", default="float32", choices=["float32", "int8"])
+    ap.add_argument("--weights", default="quant", choices=WEIGHTS)
+    ap.add_argument("--gemm-dtype", default="bfloat16", choices=GEMM_DTYPES)
+    ap.add_argument("--head-dtype", default="auto", choices=HEAD_DTYPES)
+    ap.add_argument("--decode-dtype", default="float32", choices=DECODE_DTYPES)
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=1, help="parallel decode streams")

@@ -95,6 +95,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 
+
 def tiny_spec(arch: str = "llama", **overrides: Any) -> TinySpec:
     """The default spec of `arch` with `overrides` (TinySpec field names) applied."""
     if arch not in ARCH_DEFAULTS:
@@ -333,7 +334,7 @@ def write_tiny_gguf(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Write a tiny random-weight GGUF model.")
     p.add_argument("out", help="output .gguf path")
-    p.add_argument("--arch", choices=ARCHS, default="llama")
+    p.add_argument("--arch", choices=ARCHS, help="architecture (default: llama, or the preset's)")
     p.add_argument(
         "--type", dest="qtype", choices=QTYPES, default="F32", help="type of the weight matrices"
     )
@@ -348,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     names = {"layers": "n_layers", "vocab": "vocab_size", "sliding_window": "sliding_window"}
     overrides = dict(PRESETS[args.preset]) if args.preset else {}
-    arch = overrides.pop("arch", args.arch)
+    arch = overrides.pop("arch", args.arch or "llama")
+    if args.arch is not None and args.arch != arch:
+        p.error(f"--preset {args.preset} is a {arch} model; --arch {args.arch} contradicts it")
     overrides.update({f: getattr(args, a) for a, f in names.items() if getattr(args, a) is not None})
     out = write_tiny_gguf(args.out, arch, args.qtype, args.seed, **overrides)
     print(f"wrote {out} ({out.stat().st_size} bytes)", file=sys.stderr)

@@ -13,18 +13,21 @@ from runtime.config import EngineConfig
 from runtime.engine import Engine
 from runtime.ops import reference
 from runtime.sampling_params import SamplingParams
-from scripts.make_tiny_gguf import PRESETS, main, tiny_spec, tiny_vocab
+from scripts.make_tiny_gguf import PRESETS, main, tiny_vocab
 from scripts.random_tensors import FAST_VALUES, encode
 
 
-def test_the_llama3_8b_preset_has_its_shapes():
-    spec = tiny_spec(**{k: v for k, v in PRESETS["llama3-8b"].items() if k != "arch"})
-    assert (spec.n_layers, spec.hidden, spec.ffn, spec.n_heads, spec.n_kv_heads, spec.head_dim) == (
-        32, 4096, 14336, 32, 8, 128,
-    )  # fmt: skip
-    assert spec.vocab_size == 128256
-    tokens, scores, types = tiny_vocab(128256)
-    assert len(tokens) == len(set(tokens)) == len(scores) == len(types) == 128256
+def test_the_vocabulary_generator_reaches_llama3_size():
+    n = PRESETS["llama3-8b"]["vocab_size"]
+    tokens, scores, types = tiny_vocab(n)
+    assert len(tokens) == len(set(tokens)) == len(scores) == len(types) == n
+
+
+def test_a_preset_refuses_another_architecture(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "x.gguf"), "--preset", "llama3-8b", "--arch", "qwen2"])
+    assert "contradicts" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0])
@@ -45,7 +48,7 @@ def test_a_cut_down_preset_loads_and_generates(tmp_path):
     assert main([str(path), "--preset", "llama3-8b", "--type", "Q4_0", "--layers", "1", "--vocab", "4096"]) == 0
     engine = Engine(EngineConfig(model_path=str(path), n_ctx=256, n_threads=2))
     cfg = engine.loaded.config
-    assert (cfg.hidden, cfg.ffn, cfg.n_heads, cfg.n_kv_heads, cfg.n_layers) == (4096, 14336, 32, 8, 1)
+    assert (cfg.hidden, cfg.ffn, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers) == (4096, 14336, 32, 8, 128, 1)
     out = engine.generate([[1, 300, 301, 302]], SamplingParams(temperature=0.0, n_predict=4, ignore_eos=True))
     assert len(out[0]) == 4
 

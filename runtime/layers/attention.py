@@ -31,14 +31,11 @@ def paged_attention(
     """
     cache.write(layer, batch.slot_mapping, k, v)
     plan = decode_plan(batch, cache.block_size, sliding_window)
-    if plan is not None and plan.prefix == q.shape[0]:  # a decode-only step: every row at once
+    if plan is not None and plan.every_row:  # a decode-only step: no rows to pick out
         return _decode(q, cache, layer, plan, scale, softcap)
     out = torch.empty(q.shape[0], q.shape[1], cache.v[layer].shape[-1], dtype=q.dtype, device=q.device)
     if plan is not None:
-        if plan.prefix:  # the decode rows lead the batch (--decode-dtype int8 lays them out so)
-            out[: plan.prefix] = _decode(q[: plan.prefix], cache, layer, plan, scale, softcap)
-        else:
-            out[plan.starts] = _decode(q[plan.starts], cache, layer, plan, scale, softcap)
+        out[plan.starts] = _decode(q[plan.starts], cache, layer, plan, scale, softcap)
     for b, s in enumerate(batch.seqs):
         if s.n_new == 1:
             continue
@@ -63,7 +60,7 @@ class DecodePlan:
     blocks: torch.Tensor  # (B, W) block ids, from the block of each sequence's first visible key
     lo: torch.Tensor  # (B,) first visible key, counted from the first of those blocks
     hi: torch.Tensor  # (B,) one past the last (the new token's own)
-    prefix: int  # B when the decode rows are batch rows 0 .. B-1 in order, else 0
+    every_row: bool  # the decode rows are the whole batch, rows 0 .. B-1 in order
 
 
 def decode_plan(batch: ForwardBatch, block_size: int, window: int) -> DecodePlan | None:
@@ -97,7 +94,7 @@ def decode_plan(batch: ForwardBatch, block_size: int, window: int) -> DecodePlan
             blocks=tables.gather(1, cols),
             lo=ints([x - f * bs for x, f in zip(lo, first)]),
             hi=ints([s.n_ctx - f * bs for s, f in zip(seqs, first)]),
-            prefix=len(seqs) if starts == list(range(len(seqs))) else 0,
+            every_row=len(seqs) == batch.num_tokens and starts == list(range(len(seqs))),
         )
     batch.memo[window] = plan
     return plan

@@ -79,11 +79,6 @@ def quantize_q8(x: torch.Tensor) -> torch.Tensor:
     return reference.quantize_q8(x)
 
 
-def int8_dot() -> bool:
-    """Whether qmatmul_q8 runs on the CPU's int8 dot-product instructions (AVX512-VNNI)."""
-    return bool(load().int8_dot())
-
-
 def dequantize(w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """W (n, row_bytes) uint8 GGUF blocks -> (n, k) float32."""
     return torch.ops.gguf_serve.dequantize(w, qtype, k)
@@ -119,7 +114,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> t
 
 
 __all__ = [
-    "GEMM_DTYPES", "KernelBuildError", "dequantize", "gemm_precision", "int8_dot", "paged_decode",
+    "GEMM_DTYPES", "KernelBuildError", "dequantize", "gemm_precision", "paged_decode",
     "qmatmul", "qmatmul_bf16", "qmatmul_q8", "quantize_q8", "rms_norm", "rope", "set_num_threads",
     "use_cpu_kernels",
 ]  # fmt: skip

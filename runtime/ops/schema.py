@@ -3,7 +3,8 @@
 `torch.ops.gguf_serve.qmatmul(x, w, qtype, k)`: x (t, k) float @ W^T, W (n, row_bytes)
 uint8 rows of GGUF blocks of type `qtype` (a GGMLQuantizationType id), k values per
 row -> (t, n) float32; `qmatmul_bf16` is the same product with both operands rounded to
-bfloat16 first (float32 sums), `qmatmul_q8` with x's rows quantized to int8 per 32 values. `torch.ops.gguf_serve.dequantize(w, qtype, k)` -> (n, k) float32.
+bfloat16 first (float32 sums), `qmatmul_q8` with x's rows quantized to int8 per 32 values.
+`torch.ops.gguf_serve.dequantize(w, qtype, k)` -> (n, k) float32.
 Device kernels register themselves for their dispatch key (CPU: csrc/quant_cpu.cpp,
 CUDA: triton_kernels.py) and win over the CompositeExplicitAutograd reference, which
 is what MPS and other devices run; fake kernels let torch.compile trace through them.

@@ -211,10 +211,6 @@ void over_rows(int64_t n, int64_t k, int64_t t, int64_t qtype, const F& fn) {
     TORCH_CHECK(ok, "no CPU kernel for GGUF tensor type ", qtype);
 }
 
-}  // namespace
-
-namespace {
-
 // x (t, k) float32, contiguous @ W^T through the row kernels, whatever t is: each row of the
 // result is computed alone.
 torch::Tensor matvec(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, int64_t k) {
@@ -257,7 +253,7 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& w, int64_t
 // Every t takes the row kernels (no GEMM path), so each row of y is the same whatever t is.
 torch::Tensor qmatmul_bf16(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype, int64_t k) {
     const auto xb = checked_input(x_in, w, qtype, k, torch::kBFloat16);  // the rounded operand (t, k)
-    const auto xr = xb.to(torch::kFloat32);                  // its values as float32
+    const auto xr = xb.to(torch::kFloat32);  // its values as float32
     const int64_t t = xb.size(0), n = w.size(0), row_bytes = w.stride(0);
     auto y = torch::empty({t, n}, torch::dtype(torch::kFloat32));
     const uint8_t* wp = w.data_ptr<uint8_t>();

@@ -12,7 +12,7 @@
 // where the integer sum is exact in int32 and only the per-lane combination is float32.
 // vpdpbusd multiplies unsigned by signed bytes: for a type with an offset (b = 0) the
 // weights s = u - OFF are the signed side and x is stored as q + 128, the sum then started
-// from -128 * sum(s) (once per weight chunk, whatever the number of rows); for a type with
+// from -128 * sum(s) (once per weight chunk and group of up to 4 rows); for a type with
 // a b term (OFF = 0) u is the unsigned side and q the signed one. Each row of y is
 // computed alone, so a row's result does not depend on the other rows of the call.
 
@@ -25,7 +25,7 @@ using k_avx512::scale_min_k4;
 
 // A call's x, quantized by quantize_x: per row kp = k rounded up to 64 bytes of q (q + 128
 // as unsigned bytes for a type with an offset; zero past k); per lane of 4 values dx (its
-// block's scale); per 32-value block dx * sum(q) (for the b term).
+// block's scale); per 32-value block dx * sum(q) (the b term's; only for unshifted q).
 struct Q8Act {
     const uint8_t* q;
     const float* dx;
@@ -52,12 +52,13 @@ static void quantize_x(const float* x, int64_t t, int64_t k, bool shifted, uint8
             const __m256i stored = shifted ? _mm256_xor_si256(qb, _mm256_set1_epi8((char)0x80)) : qb;
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i * kp + b0), stored);
             _mm256_storeu_ps(dx + i * (kp / 4) + b0 / 4, _mm256_set1_ps(d));
+            if (shifted) continue;  // types with an offset have no b term
             const __m256i sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones, qb);  // per lane of 4
             dsum[i * (kp / 32) + b0 / 32] = d * (float)_mm512_reduce_add_epi32(_mm512_zextsi256_si512(sums));
         }
 }
 
-// value = a * u + b in the lanes of 32 values each: x for lanes 0-7, y for lanes 8-15.
+// x in lanes 0-7, y in lanes 8-15: one value per 32-value block of a chunk.
 static inline __m512 halves(float x, float y) {
     return _mm512_insertf32x8(_mm512_set1_ps(x), _mm256_set1_ps(y), 1);
 }
