@@ -161,8 +161,10 @@ class EngineConfig:
     weights: str = "quant"  # "quant": matrices stay in GGUF blocks (runtime/ops); "dense": dequantized
     use_mmap: bool = True  # quant weights are views of the file's memory map; False: copied into RAM
     mlock: bool = False  # keep the weights' pages in RAM (llama.cpp's --mlock)
-    # Quantized CPU kernels' GEMMs (steps over 8 tokens): "bfloat16" runs them on the bfloat16
-    # units at float32 accuracy (~1e-6; ops.gemm_precision), ~2.5x faster; "float32": IEEE.
+    # Quantized CPU kernels' GEMMs: "bfloat16" multiplies prompt rows with both operands
+    # rounded to bfloat16 and float32 sums (ops.qgemm_bf16 on AVX512-BF16: each row the same
+    # whatever the batch), and runs decode rows over 8 on the bfloat16 units at float32
+    # accuracy (~1e-6; ops.gemm_precision); "float32": IEEE everywhere.
     gemm_dtype: str = "bfloat16"
     # The output head's products (the logits): "bfloat16" rounds the hidden state and the
     # head's weights to bfloat16 and sums in float32 (ops.qmatmul_bf16: ~2.6x faster at 8

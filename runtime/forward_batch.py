@@ -28,9 +28,10 @@ class ForwardBatch:
     block_tables: torch.Tensor  # (B, M) int64, padded with 0
     seqs: tuple[SeqSlice, ...]
     logits_indices: torch.Tensor  # (N,) int64, rows whose logits are wanted
-    # Rows [0, q8_rows) are decode rows whose activations the linears quantize to int8
-    # (--decode-dtype int8, runtime/layers/linear.py); the rest run in float.
-    q8_rows: int = 0
+    # Rows [0, decode_rows) are decode rows (a generated token fed back): the linears give
+    # them the decode kernels (--decode-dtype) and the other rows the prompt GEMM
+    # (--gemm-dtype), so a row's numerics follow its kind, not the batch (layers/linear.py).
+    decode_rows: int = 0
     # Index tensors derived once per step and shared by every layer (attention's decode
     # plan per window size); not part of the batch's identity.
     memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -50,7 +51,7 @@ class ForwardBatch:
             block_tables=self.block_tables.to(device),
             seqs=self.seqs,
             logits_indices=self.logits_indices.to(device),
-            q8_rows=self.q8_rows,
+            decode_rows=self.decode_rows,
         )
 
     @staticmethod
@@ -61,23 +62,23 @@ class ForwardBatch:
         block_size: int,
         want_logits: Sequence[bool] | None = None,
         device: torch.device | str = "cpu",
-        q8: Sequence[bool] | None = None,
+        decode: Sequence[bool] | None = None,
     ) -> ForwardBatch:
         """Lay out sequence i's `new_tokens[i]` after its `num_computed[i]` cached tokens.
 
         Logits are taken at each sequence's last new token when `want_logits[i]`
         (a prefill chunk that is not the prompt's last wants none). The sequences with
-        `q8[i]` (decode rows under --decode-dtype int8) come first in the rows and count
-        in q8_rows; `seqs` and the logits rows keep the given order.
+        `decode[i]` (decode rows) come first in the rows and count in decode_rows; `seqs`
+        and the logits rows keep the given order.
         """
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
         starts: dict[int, int] = {}
         order = list(range(len(new_tokens)))
-        if q8 is not None:
-            order.sort(key=lambda i: not q8[i])  # stable: q8 sequences first, each group in order
-        q8_rows = 0
+        if decode is not None:
+            order.sort(key=lambda i: not decode[i])  # stable: decode sequences first, each group in order
+        decode_rows = 0
         for i in order:
             toks, done, table = new_tokens[i], num_computed[i], block_tables[i]
             assert len(toks) > 0, "a scheduled sequence has at least one new token"
@@ -88,8 +89,8 @@ class ForwardBatch:
                 ids.append(int(t))
                 pos.append(p)
                 slots.append(table[p // block_size] * block_size + p % block_size)
-            if q8 is not None and q8[i]:
-                q8_rows = len(ids)
+            if decode is not None and decode[i]:
+                decode_rows = len(ids)
         seqs = [
             SeqSlice(starts[i], len(toks), done + len(toks))
             for i, (toks, done) in enumerate(zip(new_tokens, num_computed))
@@ -112,5 +113,5 @@ class ForwardBatch:
             block_tables=tables.to(device),
             seqs=tuple(seqs),
             logits_indices=as_tensor(out_rows),
-            q8_rows=q8_rows,
+            decode_rows=decode_rows,
         )

@@ -51,10 +51,10 @@ class ModelRunner:
         self.kernel_threads = loaded.weights == "quant" and self.device.type == "cpu"
         self.gemm_dtype = cfg.gemm_dtype  # the kernels' prompt GEMMs: IEEE or on the bfloat16 units
         self.head_dtype = self.model.set_head_dtype(cfg.head_dtype)  # "auto" resolved
-        # --decode-dtype int8: decode rows are laid out first in each batch (ForwardBatch.q8_rows).
-        # A row's kind, not the step's size, picks its numerics: a decode row computes the same
-        # beside other requests' prompts as alone.
-        self.decode_dtype = cfg.decode_dtype
+        # Decode rows are laid out first in each batch (ForwardBatch.decode_rows). A row's
+        # kind, not the step's size, picks its numerics: a decode row computes the same beside
+        # other requests' prompts as alone, and a prompt row the same beside decode rows.
+        self.decode_dtype = self.model.set_decode_dtype(cfg.decode_dtype)
 
     def _gemm_precision(self) -> AbstractContextManager[None]:
         """--gemm-dtype for this forward: it only concerns the quantized CPU kernels."""
@@ -84,10 +84,9 @@ class ModelRunner:
             tables.append(req.block_ids)
         # Embedding requests want no logits: their rows' hidden states are pooled instead.
         want = [s.sample and s.request.pooling is None for s in sched.seqs]
-        q8 = None
-        if self.decode_dtype == "int8":  # decode rows: the last generated token, fed back alone
-            q8 = [s.num_new == 1 and _feeds_output(s.request) for s in sched.seqs]
-        batch = ForwardBatch.build(new_tokens, computed, tables, self.block_size, want, self.device, q8)
+        # decode rows: the last generated token, fed back alone
+        decode = [s.num_new == 1 and _feeds_output(s.request) for s in sched.seqs]
+        batch = ForwardBatch.build(new_tokens, computed, tables, self.block_size, want, self.device, decode)
         hidden = self.forward(moves, batch)  # (T, hidden)
         last = hidden[batch.logits_indices]  # (N, hidden): the rows that sample
         with self._gemm_precision():

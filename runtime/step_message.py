@@ -7,7 +7,7 @@ that sizes the payload, then the payload.
 
 Header (HEADER,): kind (0 stop, 1 moves only, 2 moves and a batch, 3 read KV blocks,
 4 write KV blocks), T tokens, B sequences, M blocks per table, N logits rows, K moves,
-the payload's length, the batch's q8_rows. A KV copy's payload is its block ids.
+the payload's length, the batch's decode_rows. A KV copy's payload is its block ids.
 Payload: token_ids, positions, slot_mapping (T each), block_tables (B * M), the
 sequences' (start, n_new, n_ctx) (B * 3), logits_indices (N), then per move its
 length L, its delta, and its L source and L destination slots.
@@ -59,7 +59,7 @@ def pack(msg: Message) -> tuple[torch.Tensor, torch.Tensor]:
     parts = [b.token_ids, b.positions, b.slot_mapping, b.block_tables.reshape(-1), seqs, b.logits_indices, tail]
     payload = torch.cat([p.to(torch.int64) for p in parts])
     t, (nb, m), n = b.num_tokens, b.block_tables.shape, b.logits_indices.numel()
-    header = [STEP, t, nb, m, n, len(moves), payload.numel(), b.q8_rows]
+    header = [STEP, t, nb, m, n, len(moves), payload.numel(), b.decode_rows]
     return torch.tensor(header, dtype=torch.int64), payload
 
 
@@ -69,7 +69,7 @@ def payload_size(header: torch.Tensor) -> int:
 
 def unpack(header: torch.Tensor, payload: torch.Tensor) -> Message:
     """The message `pack` made of these tensors."""
-    kind, t, nb, m, n, k, _, q8_rows = (int(v) for v in header.tolist())
+    kind, t, nb, m, n, k, _, decode_rows = (int(v) for v in header.tolist())
     if kind == STOP:
         return None
     if kind in (READ_KV, WRITE_KV):
@@ -87,7 +87,7 @@ def unpack(header: torch.Tensor, payload: torch.Tensor) -> Message:
         ids, pos, slots = take(t), take(t), take(t)
         tables = take(nb * m).reshape(nb, m)
         seqs = tuple(SeqSlice(*row) for row in take(nb * 3).reshape(nb, 3).tolist())
-        batch = ForwardBatch(ids, pos, slots, tables, seqs, take(n), q8_rows)
+        batch = ForwardBatch(ids, pos, slots, tables, seqs, take(n), decode_rows)
     rest = take(payload.numel() - at).tolist()
     moves: list[Move] = []
     i = 0

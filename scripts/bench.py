@@ -12,6 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import runtime  # noqa: E402, F401  (first: it sets OpenMP's wait policy before torch loads it)
+
+# isort: split
 import torch  # noqa: E402
 
 from runtime.config import DECODE_DTYPES, GEMM_DTYPES, HEAD_DTYPES, WEIGHTS, EngineConfig  # noqa: E402

@@ -64,8 +64,8 @@ def teacher_forced_decode(engine, tokenizer, cases: list[dict]) -> Agreement:
         rows = []
         done, feed = 0, prompt
         for k in range(len(tokens)):
-            q8 = [done > 0 and runner.decode_dtype == "int8"]  # one token fed back, as a generated one is
-            batch = ForwardBatch.build([feed], [done], [blocks], runner.block_size, q8=q8)
+            decode = [done > 0]  # one token fed back, as a generated one is
+            batch = ForwardBatch.build([feed], [done], [blocks], runner.block_size, decode=decode)
             hidden = runner.forward([], batch)
             with torch.inference_mode():
                 rows.append(runner.model.logits(hidden[batch.logits_indices]).log_softmax(-1)[0])

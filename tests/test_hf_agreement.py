@@ -36,9 +36,11 @@ HF_OVERRIDES: dict[str, dict[str, Any]] = {
 
 
 def _engine(path: Path) -> Engine:
-    # HF computes in float32: so does our head here (the default "auto" rounds its operands
-    # to bfloat16 for a quantized CPU head; tests/test_quant_ops.py checks that product).
-    return Engine(EngineConfig(model_path=str(path), n_ctx=256, n_parallel=2, head_dtype="float32"))
+    # HF computes in float32: so do our head and prompt GEMMs here (the defaults round their
+    # operands to bfloat16 on the CPU; tests/test_quant_ops.py checks those products).
+    return Engine(
+        EngineConfig(model_path=str(path), n_ctx=256, n_parallel=2, head_dtype="float32", gemm_dtype="float32")
+    )
 
 
 def _sequences(vocab: int, lengths: Sequence[int] = (33, 24), seed: int = 0) -> list[list[int]]:

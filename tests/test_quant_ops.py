@@ -72,6 +72,53 @@ def _check_qmatmul_bf16(qt: T) -> None:
         assert torch.equal(alone, got), f"{qt.name} t={t}: a row changed with the batch"
 
 
+@pytest.mark.parametrize("qt", TYPES, ids=lambda q: q.name)
+def test_qgemm_bf16_matches_reference(qt, isa):
+    """The prompt GEMM: qmatmul_bf16's quantity for any row count, each row the same alone."""
+    k = 512 if GGML_QUANT_SIZES[qt][0] == 256 else 96
+    for n in (45, 100):  # a partial panel of 48 output rows; two whole ones and a partial
+        w = weight(qt, n, k, seed=n)
+        wr = reference.dequantize(w, int(qt), k).bfloat16().double()
+        for t in (1, 7, 8, 9, 17, 64):  # the 8-row tiles and their remainders
+            x = torch.randn(t, k, generator=torch.Generator().manual_seed(t))
+            want = x.bfloat16().double() @ wr.T
+            scale = x.bfloat16().double().abs() @ wr.abs().T
+            got = ops.qgemm_bf16(x, w, int(qt), k)
+            assert got.shape == (t, n) and got.dtype == torch.float32
+            err = ((got - want).abs() / scale.clamp_min(1e-30)).max().item()
+            assert err < 1e-6, f"{qt.name} n={n} t={t}: error {err:.2e} of the products' magnitude"
+            alone = torch.cat([ops.qgemm_bf16(x[i : i + 1], w, int(qt), k) for i in range(t)])
+            assert torch.equal(alone, got), f"{qt.name} n={n} t={t}: a row changed with the batch"
+
+
+def test_qgemm_bf16_without_bf16_units(kernels):
+    """CPUs without AVX512-BF16 compute the same quantity (the row kernels), rows alone too."""
+    w = weight(T.Q4_K, 50, 256, seed=6)
+    x = torch.randn(20, 256, generator=torch.Generator().manual_seed(6))
+    fast = ops.qgemm_bf16(x, w, int(T.Q4_K), 256)
+    kernels.allow_bf16_dot(False)
+    try:
+        slow = ops.qgemm_bf16(x, w, int(T.Q4_K), 256)
+        assert torch.equal(slow, torch.cat([ops.qgemm_bf16(x[i : i + 1], w, int(T.Q4_K), 256) for i in range(20)]))
+    finally:
+        kernels.allow_bf16_dot(True)
+    want = x.bfloat16().double() @ reference.dequantize(w, int(T.Q4_K), 256).bfloat16().double().T
+    scale = want.abs().max()
+    assert ((fast - want).abs().max() / scale).item() < 1e-6
+    assert ((slow - want).abs().max() / scale).item() < 1e-6
+
+
+def test_prompt_rows_take_the_gemm_whatever_their_number(kernels):
+    """Under gemm_precision("bfloat16") qmatmul_prompt is qgemm_bf16 for 1 row as for 64."""
+    w = weight(T.Q5_0, 64, 256, seed=7)
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(7))
+    with ops.gemm_precision("bfloat16"):
+        for t in (1, 3, 64):
+            assert torch.equal(ops.qmatmul_prompt(x[:t], w, int(T.Q5_0), 256), ops.qgemm_bf16(x[:t], w, int(T.Q5_0), 256))
+    with ops.gemm_precision("float32"):
+        assert torch.equal(ops.qmatmul_prompt(x, w, int(T.Q5_0), 256), ops.qmatmul(x, w, int(T.Q5_0), 256))
+
+
 def test_qmatmul_bf16_rounds_both_operands(kernels):
     """Not float32 in disguise: the result equals the rounded operands' product, not the exact one."""
     w = weight(T.Q8_0, 64, 256, seed=4)
@@ -128,6 +175,7 @@ def test_fake_kernels_and_schema(kernels):
     w = weight(T.Q8_0, 8, 64)
     torch.library.opcheck(torch.ops.gguf_serve.qmatmul, (torch.randn(2, 64), w, int(T.Q8_0), 64))
     torch.library.opcheck(torch.ops.gguf_serve.qmatmul_bf16, (torch.randn(2, 64), w, int(T.Q8_0), 64))
+    torch.library.opcheck(torch.ops.gguf_serve.qgemm_bf16, (torch.randn(2, 64), w, int(T.Q8_0), 64))
     torch.library.opcheck(torch.ops.gguf_serve.dequantize, (w, int(T.Q8_0), 64))
 
 

@@ -95,9 +95,9 @@ def test_decode_rows_come_first():
     """Sequences flagged q8 are laid out first; seqs, logits rows and slots keep their meaning."""
     plain = ForwardBatch.build([[5, 6, 7], [8], [9, 10], [11]], [0, 40, 3, 9], [[2], [4, 5, 6], [7], [1]], 16)
     b = ForwardBatch.build(
-        [[5, 6, 7], [8], [9, 10], [11]], [0, 40, 3, 9], [[2], [4, 5, 6], [7], [1]], 16, q8=[False, True, False, True]
+        [[5, 6, 7], [8], [9, 10], [11]], [0, 40, 3, 9], [[2], [4, 5, 6], [7], [1]], 16, decode=[False, True, False, True]
     )
-    assert b.q8_rows == 2 and plain.q8_rows == 0
+    assert b.decode_rows == 2 and plain.decode_rows == 0
     assert b.token_ids.tolist() == [8, 11, 5, 6, 7, 9, 10]
     assert [(s.start, s.n_new, s.n_ctx) for s in b.seqs] == [(2, 3, 3), (0, 1, 41), (5, 2, 5), (1, 1, 10)]
     assert b.logits_indices.tolist() == [4, 0, 6, 1]  # each sequence's last row, in sequence order
@@ -127,9 +127,10 @@ def test_int8_decode_is_the_same_for_quant_and_dense(tmp_path, qtype):
     assert rounding > 5e-4 and paths < rounding / 5, (paths, rounding)
 
 
-def test_a_decode_row_computes_the_same_beside_a_prompt(tmp_path):
-    """int8 decode rows are picked by kind, not by the step's size: request A's log-probs
-    are bit for bit the same whether B's 40-token prompt shares its steps or not."""
+@pytest.mark.parametrize("decode_dtype", ["int8", "float32"])
+def test_a_decode_row_computes_the_same_beside_a_prompt(tmp_path, decode_dtype):
+    """Decode rows and prompt rows are picked by kind, not by the step's size: request A's
+    log-probs are bit for bit the same whether B's 40-token prompt shares its steps or not."""
     path = write_tiny_gguf(tmp_path / "q4k.gguf", "llama", "Q4_K")
     g = torch.Generator().manual_seed(2)
     prompt_a = [BOS_ID] + torch.randint(3, 200, (9,), generator=g).tolist()
@@ -137,12 +138,13 @@ def test_a_decode_row_computes_the_same_beside_a_prompt(tmp_path):
     params = SamplingParams(temperature=0.0, n_predict=8, ignore_eos=True, n_probs=4)
 
     def run(with_b: bool) -> tuple[list, list]:
-        engine = Engine(EngineConfig(model_path=str(path), n_ctx=256, n_parallel=2, n_batch=16, decode_dtype="int8"))
+        cfg = EngineConfig(model_path=str(path), n_ctx=256, n_parallel=2, n_batch=16, decode_dtype=decode_dtype)
+        engine = Engine(cfg)
         steps: list[tuple[int, int]] = []
         hidden_states = engine.runner.model.hidden_states
 
         def spy(batch, cache):
-            steps.append((batch.num_tokens, batch.q8_rows))
+            steps.append((batch.num_tokens, batch.decode_rows))
             return hidden_states(batch, cache)
 
         engine.runner.model.hidden_states = spy  # type: ignore[method-assign]

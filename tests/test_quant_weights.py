@@ -19,12 +19,14 @@ def _projections(model) -> list:
     return [getattr(layer, n) for layer in model.layers for n in ("q", "k", "v", "o", "gate", "up", "down")]
 
 
-def _decode_logits(path, weights: str, head_dtype: str = "float32", decode_dtype: str = "float32") -> torch.Tensor:
+def _decode_logits(
+    path, weights: str, head_dtype: str = "float32", decode_dtype: str = "float32", gemm_dtype: str = "float32"
+) -> torch.Tensor:
     """Logits of 6 decode steps of 3 sequences at once: the small-batch (matrix-vector) kernels.
-    Rows 0-2 are the prompts' step, then 3 per decode step."""
+    Rows 0-2 are the prompts' step, then 3 per decode step. Prompts in float32 unless told."""
     cfg = EngineConfig(
         model_path=str(path), n_ctx=256, n_parallel=3, weights=weights, head_dtype=head_dtype,
-        decode_dtype=decode_dtype,
+        decode_dtype=decode_dtype, gemm_dtype=gemm_dtype,
     )  # fmt: skip
     engine = Engine(cfg)
     g = torch.Generator().manual_seed(1)

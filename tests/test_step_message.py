@@ -10,7 +10,7 @@ def _same(a: ForwardBatch, b: ForwardBatch) -> None:
     for name in ("token_ids", "positions", "slot_mapping", "block_tables", "logits_indices"):
         x, y = getattr(a, name), getattr(b, name)
         assert x.dtype == y.dtype == torch.int64 and torch.equal(x, y), name
-    assert a.seqs == b.seqs and a.q8_rows == b.q8_rows
+    assert a.seqs == b.seqs and a.decode_rows == b.decode_rows
 
 
 def _roundtrip(msg):
@@ -35,8 +35,8 @@ def test_a_mixed_step_with_context_shift_moves():
 
 def test_int8_decode_rows_travel():
     """--decode-dtype int8: the decode rows first, and how many they are."""
-    batch = ForwardBatch.build([[5, 6, 7], [8], [9]], [0, 40, 3], [[2], [4, 5, 6], [7]], 16, q8=[False, True, True])
-    assert batch.q8_rows == 2
+    batch = ForwardBatch.build([[5, 6, 7], [8], [9]], [0, 40, 3], [[2], [4, 5, 6], [7]], 16, decode=[False, True, True])
+    assert batch.decode_rows == 2
     _, got = _roundtrip(([], batch))
     assert got is not None
     _same(got, batch)

@@ -188,15 +188,15 @@ def _prompts(vocab: int, seed: int = 0) -> list[list[int]]:
     return [[1] + [rng.randrange(3, vocab) for _ in range(n)] for n in (5, 23, 40)]
 
 
-def _one_process(path, prompts, n_predict=N_PREDICT, n_ctx=1024, decode_dtype="float32") -> list[list[int]]:
-    engine = Engine(EngineConfig(model_path=str(path), n_ctx=n_ctx, decode_dtype=decode_dtype), load_model(path))
+def _one_process(path, prompts, n_predict=N_PREDICT, n_ctx=1024, **overrides: str) -> list[list[int]]:
+    engine = Engine(EngineConfig(model_path=str(path), n_ctx=n_ctx, **overrides), load_model(path))
     return engine.generate(
         prompts, SamplingParams(temperature=0.0, n_predict=n_predict, ignore_eos=True)
     )
 
 
-def _two_processes(path, prompts, n_predict=N_PREDICT, n_ctx=1024, decode_dtype="float32") -> dict:
-    out = spawn([str(path), json.dumps(prompts), str(n_predict), str(n_ctx), decode_dtype], world=2)
+def _two_processes(path, prompts, n_predict=N_PREDICT, n_ctx=1024, **overrides: str) -> dict:
+    out = spawn([str(path), json.dumps(prompts), str(n_predict), str(n_ctx), json.dumps(overrides)], world=2)
     assert out[1] == ""  # rank 1 follows; only rank 0 answers
     return json.loads(out[0])
 
@@ -229,12 +229,14 @@ def test_two_processes_generate_what_one_does(tmp_path, arch, qtype, kw):
 @pytest.mark.parametrize("arch, qtype", [("llama", "Q5_0"), ("qwen3", "Q4_K")])
 def test_int8_decode_rows_split_as_one_process_runs_them(tmp_path, arch, qtype):
     """--decode-dtype int8: the shards' cuts fall on whole blocks of 32, so each rank
-    quantizes its part of a row as one process does; the decode-row count reaches rank 1."""
+    quantizes its part of a row as one process does; the decode-row count reaches rank 1.
+    Prompt rows in float32: the bfloat16 GEMM's roundings of the next layer's input would
+    magnify the split sums' last-bit differences into token flips on this tiny random model."""
     path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch, qtype)
     prompts = _prompts(512, seed=1)
-    expected = _one_process(path, prompts, decode_dtype="int8")
-    assert expected != _one_process(path, prompts)  # int8 rows change this model's tokens
-    assert _two_processes(path, prompts, decode_dtype="int8")["ids"] == expected
+    expected = _one_process(path, prompts, decode_dtype="int8", gemm_dtype="float32")
+    assert expected != _one_process(path, prompts, gemm_dtype="float32")  # int8 rows change this model's tokens
+    assert _two_processes(path, prompts, decode_dtype="int8", gemm_dtype="float32")["ids"] == expected
 
 
 @pytest.mark.parametrize(
@@ -253,11 +255,13 @@ def test_slot_files_move_between_one_and_two_processes(tmp_path, arch, qtype, kw
     one.mkdir(), two.mkdir()
 
     def engine(save_dir):
-        cfg = EngineConfig(model_path=str(path), n_ctx=1024, slot_save_path=str(save_dir))
+        # float32 prompt GEMMs: bfloat16's would round the ranks' split sums apart (see above)
+        cfg = EngineConfig(model_path=str(path), n_ctx=1024, slot_save_path=str(save_dir), gemm_dtype="float32")
         return Engine(cfg, load_model(path))
 
     def two_processes(save_dir, action) -> dict:
-        out = spawn([str(path), json.dumps([prompt]), "8", "1024", "float32", str(save_dir), action], world=2)
+        overrides = json.dumps({"gemm_dtype": "float32"})
+        out = spawn([str(path), json.dumps([prompt]), "8", "1024", overrides, str(save_dir), action], world=2)
         return json.loads(out[0])
 
     saved_one = slots(engine(one), prompt, "save")

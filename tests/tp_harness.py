@@ -93,12 +93,10 @@ def main(argv: list[str]) -> int:
 
     model, prompts, n_predict = argv[0], json.loads(argv[1]), int(argv[2])
     n_ctx = int(argv[3]) if len(argv) > 3 else 1024
-    decode_dtype = argv[4] if len(argv) > 4 else "float32"
+    overrides = json.loads(argv[4]) if len(argv) > 4 else {}  # EngineConfig fields, e.g. decode_dtype
     slot_dir, slot_action = (argv[5], argv[6]) if len(argv) > 6 else (None, None)
     par = parallel.from_env("cpu")
-    cfg = EngineConfig(
-        model_path=model, n_ctx=n_ctx, n_threads=1, decode_dtype=decode_dtype, slot_save_path=slot_dir
-    )
+    cfg = EngineConfig(model_path=model, n_ctx=n_ctx, n_threads=1, slot_save_path=slot_dir, **overrides)
     loaded = load_model(model, parallel=par)
     if par is not None and not par.is_driver:
         run_worker(loaded, cfg)

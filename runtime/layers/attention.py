@@ -43,11 +43,13 @@ def paged_attention(
         lo = max(0, first_q - sliding_window + 1) if sliding_window else 0
         ks, vs = cache.gather(layer, batch.block_tables[b], lo, s.n_ctx)  # (S, KVH, D)
         qs = q[s.start : s.start + s.n_new]  # (n, H, D)
-        q_idx = torch.arange(first_q, s.n_ctx, device=q.device)[:, None]
-        k_idx = torch.arange(lo, s.n_ctx, device=q.device)[None, :]
-        mask = k_idx <= q_idx
-        if sliding_window:
-            mask &= k_idx > q_idx - sliding_window
+        mask = None  # a whole prompt in one chunk, every key in its window: plain causal
+        if first_q > 0 or 0 < sliding_window < s.n_new:
+            q_idx = torch.arange(first_q, s.n_ctx, device=q.device)[:, None]
+            k_idx = torch.arange(lo, s.n_ctx, device=q.device)[None, :]
+            mask = k_idx <= q_idx
+            if sliding_window:
+                mask &= k_idx > q_idx - sliding_window
         out[s.start : s.start + s.n_new] = _attend(qs, ks.to(q.dtype), vs.to(q.dtype), mask, scale, softcap)
     return out
 
@@ -113,17 +115,21 @@ def _decode(
 
 
 def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, softcap: float
 ) -> torch.Tensor:
-    """q (n, H, D), k/v (S, KVH, D), mask (n, S) bool -> (n, H, Dv)."""
+    """q (n, H, D), k/v (S, KVH, D), mask (n, S) bool or None for causal with S == n -> (n, H, Dv)."""
     qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
     if not softcap:
         # 4-D (1, H, n, D): torch's CPU flash kernel takes it; 3-D falls back to the
-        # unfused math path (twice as slow on a 512-token prompt)
+        # unfused math path (twice as slow on a 512-token prompt). is_causal skips the
+        # blocks above the diagonal a mask would only hide (~15% of a 512-token prompt's).
         o = F.scaled_dot_product_attention(
-            qh[None], kh[None], vh[None], attn_mask=mask, scale=scale, enable_gqa=kh.shape[0] != qh.shape[0]
+            qh[None], kh[None], vh[None], attn_mask=mask, is_causal=mask is None, scale=scale,
+            enable_gqa=kh.shape[0] != qh.shape[0],
         )
         return o[0].transpose(0, 1)
+    if mask is None:
+        mask = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool, device=q.device).tril()
     group = qh.shape[0] // kh.shape[0]
     kh, vh = kh.repeat_interleave(group, 0), vh.repeat_interleave(group, 0)
     scores = torch.matmul(qh.float(), kh.float().transpose(1, 2)) * scale  # (H, n, S)

@@ -34,6 +34,7 @@ class Linear:
         self.bias = bias
         self._exact = weight  # set_products("bfloat16") swaps in a rounded copy
         self.round_input = False
+        self.decode_int8 = False  # --decode-dtype int8
 
     @property
     def out_features(self) -> int:
@@ -44,24 +45,29 @@ class Linear:
         self.round_input = dtype == "bfloat16"
         self.weight = self._exact.to(torch.bfloat16).to(self._exact.dtype) if self.round_input else self._exact
 
-    def __call__(self, x: torch.Tensor, q8_rows: int = 0) -> torch.Tensor:
-        """x (T, in) -> (T, out); rows [0, q8_rows) quantized to int8 per 32 values first."""
+    def __call__(self, x: torch.Tensor, decode_rows: int = 0) -> torch.Tensor:
+        """x (T, in) -> (T, out); under --decode-dtype int8 rows [0, decode_rows) are
+        quantized to int8 per 32 values first."""
         if self.round_input:
             x = x.to(torch.bfloat16).to(x.dtype)
-        if q8_rows:
-            x = torch.cat([ops.quantize_q8(x[:q8_rows]).to(x.dtype), x[q8_rows:]])
+        if decode_rows and self.decode_int8:
+            x = torch.cat([ops.quantize_q8(x[:decode_rows]).to(x.dtype), x[decode_rows:]])
         return F.linear(x, self.weight, self.bias)
 
 
 class QuantLinear:
-    """y = x @ W^T + b with W in GGUF blocks, through the gguf_serve::qmatmul op (float32 math)
-    or, after set_products("bfloat16"), qmatmul_bf16 (bfloat16 operands, float32 sums); decode
-    rows under --decode-dtype int8 through qmatmul_q8 (x quantized to int8 per 32 values)."""
+    """y = x @ W^T + b with W in GGUF blocks, through the gguf_serve ops: decode rows (the
+    first `decode_rows`) through qmatmul (float32 math) or, under --decode-dtype int8,
+    qmatmul_q8 (x quantized to int8 per 32 values); the other rows through qmatmul or,
+    under gemm_precision("bfloat16"), the prompt GEMM qgemm_bf16, whatever their number,
+    so each row's numerics follow its kind. After set_products("bfloat16") (the output
+    head) every row takes qmatmul_bf16."""
 
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None) -> None:
         self.weight = weight
         self.bias = bias
         self.bf16_products = False
+        self.decode_int8 = False  # --decode-dtype int8
 
     def set_products(self, dtype: str) -> None:
         self.bf16_products = dtype == "bfloat16"
@@ -70,18 +76,19 @@ class QuantLinear:
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def __call__(self, x: torch.Tensor, q8_rows: int = 0) -> torch.Tensor:
-        """x (T, in) -> (T, out) in x's dtype; rows [0, q8_rows) through qmatmul_q8."""
+    def __call__(self, x: torch.Tensor, decode_rows: int = 0) -> torch.Tensor:
+        """x (T, in) -> (T, out) in x's dtype."""
         w = self.weight
-        matmul = ops.qmatmul_bf16 if self.bf16_products else ops.qmatmul
-        t = x.shape[0]
-        if q8_rows == 0:
-            y = matmul(x, w.data, w.qtype, w.shape[1])
-        elif q8_rows == t:
-            y = ops.qmatmul_q8(x, w.data, w.qtype, w.shape[1])
-        else:  # a step with decode and prompt rows
-            q8 = ops.qmatmul_q8(x[:q8_rows], w.data, w.qtype, w.shape[1])
-            y = torch.cat([q8, matmul(x[q8_rows:], w.data, w.qtype, w.shape[1])])
+        args = (w.data, w.qtype, w.shape[1])
+        if self.bf16_products:
+            y = ops.qmatmul_bf16(x, *args)
+        else:
+            d = decode_rows
+            decode = ops.qmatmul_q8 if self.decode_int8 else ops.qmatmul
+            parts = [decode(x[:d], *args)] if d else []
+            if d < x.shape[0]:
+                parts.append(ops.qmatmul_prompt(x[d:] if d else x, *args))
+            y = parts[0] if len(parts) == 1 else torch.cat(parts)
         if self.bias is not None:
             y = y + self.bias
         return y if y.dtype == x.dtype else y.to(x.dtype)

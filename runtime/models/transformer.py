@@ -160,7 +160,7 @@ class Transformer:
                 h = rms_norm(h, layer.post_attn_norm, c.norm_eps)
             x = x + h
             h = rms_norm(x, layer.ffn_norm, c.norm_eps)
-            n8 = b.q8_rows
+            n8 = b.decode_rows
             h = self.reduce(layer.down(gated(layer.gate(h, n8), layer.up(h, n8), c.activation), n8))
             if layer.post_ffn_norm is not None:
                 h = rms_norm(h, layer.post_ffn_norm, c.norm_eps)
@@ -174,6 +174,13 @@ class Transformer:
             head_dtype = "bfloat16" if quant_cpu else "float32"
         self.output.set_products(head_dtype)
         return head_dtype
+
+    def set_decode_dtype(self, decode_dtype: str) -> str:
+        """The layers' products for decode rows (EngineConfig.decode_dtype): "float32" or "int8"."""
+        for layer in self.layers:
+            for proj in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down):
+                proj.decode_int8 = decode_dtype == "int8"
+        return decode_dtype
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,7 +221,7 @@ class Transformer:
     ) -> torch.Tensor:
         c = self.cfg
         t = h.shape[0]
-        n8 = batch.q8_rows
+        n8 = batch.decode_rows
         q = layer.q(h, n8).view(t, c.n_heads, c.head_dim)
         k = layer.k(h, n8).view(t, c.n_kv_heads, c.head_dim)
         v = layer.v(h, n8).view(t, c.n_kv_heads, c.v_head_dim)

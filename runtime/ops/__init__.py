@@ -30,9 +30,10 @@ def set_num_threads(n: int) -> None:
 
 @contextmanager
 def gemm_precision(dtype: str) -> Iterator[None]:
-    """The CPU kernels' large-batch GEMMs (over 8 rows) inside the block: "float32" or "bfloat16".
+    """The CPU kernels' GEMMs inside the block: "float32" or "bfloat16".
 
-    "bfloat16" lets oneDNN compute those float32 GEMMs on the bfloat16 dot-product units
+    "bfloat16": prompt rows (qmatmul_prompt) take qgemm_bf16 where the CPU has AVX512-BF16;
+    qmatmul's products over 8 rows let oneDNN compute its float32 GEMMs on the bfloat16 dot-product units
     (fp32_precision "bf16", set around each GEMM only): float32 in and out, each operand
     split into bfloat16 parts, so results stay within ~1e-6 of IEEE float32 (measured:
     8e-7 vs 4e-7 relative) at ~2.5x the speed where the CPU has AVX512-BF16 or AMX;
@@ -49,6 +50,15 @@ def gemm_precision(dtype: str) -> Iterator[None]:
         kernels.set_gemm_bf16(before)
 
 
+def qmatmul_prompt(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """Prompt rows' product: under gemm_precision("bfloat16") on a CPU with AVX512-BF16,
+    qgemm_bf16 (any number of rows, each computed the same whatever the batch); else
+    qmatmul (CPUs without it keep oneDNN's GEMM: rounded operands would gain nothing there)."""
+    if x.device.type == "cpu" and load().gemm_bf16() and load().bf16_dot():
+        return qgemm_bf16(x, w, qtype, k)
+    return qmatmul(x, w, qtype, k)
+
+
 def qmatmul(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """x (t, k) @ W^T for W (n, row_bytes) uint8 GGUF blocks -> (t, n) float32."""
     return torch.ops.gguf_serve.qmatmul(x, w, qtype, k)
@@ -62,6 +72,14 @@ def qmatmul_bf16(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.
     elsewhere (it is memory-bound at one row). Each row's result is independent of t.
     """
     return torch.ops.gguf_serve.qmatmul_bf16(x, w, qtype, k)
+
+
+def qgemm_bf16(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """qmatmul_bf16's quantity through the prompt GEMM (qmatmul's path beyond 8 rows under
+    gemm_precision("bfloat16")): panels of W decoded, packed and multiplied by AVX512-BF16
+    register tiles. Each row's result is independent of t, but not the row kernels' bits.
+    """
+    return torch.ops.gguf_serve.qgemm_bf16(x, w, qtype, k)
 
 
 def qmatmul_q8(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
@@ -115,6 +133,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> t
 
 __all__ = [
     "GEMM_DTYPES", "KernelBuildError", "dequantize", "gemm_precision", "paged_decode",
-    "qmatmul", "qmatmul_bf16", "qmatmul_q8", "quantize_q8", "rms_norm", "rope", "set_num_threads",
+    "qgemm_bf16", "qmatmul", "qmatmul_bf16", "qmatmul_prompt", "qmatmul_q8", "quantize_q8", "rms_norm", "rope", "set_num_threads",
     "use_cpu_kernels",
 ]  # fmt: skip

@@ -41,6 +41,10 @@
 #define QK_HAVE_VNNI 1
 #include "quant_q8.h"
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
+#include "quant_gemm.h"
+#pragma GCC pop_options
 #endif
 
 #pragma GCC push_options
@@ -60,72 +64,9 @@
 #undef QK_NS
 #define k_base_types QK_TYPES
 
+#include "kernel_choice.h"
+
 namespace {
-
-using MatvecFn = bool (*)(int, const uint8_t*, int64_t, const float*, float*, int64_t, int64_t, int64_t,
-                          int64_t, int64_t, float*);
-using DequantFn = bool (*)(int, const uint8_t*, int64_t, float*, int64_t, int64_t, int64_t);
-using MatvecBf16Fn = bool (*)(int, const uint8_t*, int64_t, const float*, const uint16_t*, float*, int64_t,
-                              int64_t, int64_t, int64_t, int64_t, float*, bool);
-
-struct Kernels {
-    const char* isa;
-    MatvecFn matvec;
-    DequantFn dequant;
-    MatvecBf16Fn matvec_bf16;
-    bool bf16_dot;  // the CPU has AVX512-BF16: matvec_bf16 may take its vdpbf16ps kernel
-    bool int8_dot;  // the CPU has AVX512-VNNI: qmatmul_q8 may take its vpdpbusd kernels
-};
-
-// Every build this CPU can run, best first.
-std::vector<Kernels> runnable() {
-    std::vector<Kernels> out;
-#if defined(__x86_64__) && defined(__GNUC__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-        out.push_back({"avx512", k_avx512::matvec, k_avx512::dequant, k_avx512::matvec_bf16,
-#ifdef QK_HAVE_BF16
-                       (bool)__builtin_cpu_supports("avx512bf16"), (bool)__builtin_cpu_supports("avx512vnni")});
-#else
-                       false, false});
-#endif
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-        out.push_back({"avx2", k_avx2::matvec, k_avx2::dequant, k_avx2::matvec_bf16, false, false});
-#endif
-    out.push_back({"baseline", k_base::matvec, k_base::dequant, k_base::matvec_bf16, false, false});
-    return out;
-}
-
-std::atomic<int> g_choice{0};  // index into runnable(): the best unless use_isa() said otherwise
-
-const std::vector<Kernels>& all_kernels() {
-    static const std::vector<Kernels> all = runnable();
-    return all;
-}
-
-const Kernels& kernels() { return all_kernels()[(size_t)g_choice.load(std::memory_order_relaxed)]; }
-
-// Tests turn the AVX512-BF16 kernel off to run the AVX-512 build's other path (CPUs without it).
-std::atomic<bool> g_bf16_dot_allowed{true};
-
-bool use_bf16_dot() { return kernels().bf16_dot && g_bf16_dot_allowed.load(std::memory_order_relaxed); }
-
-// Tests turn the AVX512-VNNI kernels off to run qmatmul_q8's path for other CPUs.
-std::atomic<bool> g_int8_dot_allowed{true};
-
-bool use_int8_dot() { return kernels().int8_dot && g_int8_dot_allowed.load(std::memory_order_relaxed); }
-
-// Tests run every build the machine supports; returns the names of those.
-std::vector<std::string> use_isa(const std::string& name) {
-    const auto& all = all_kernels();
-    std::vector<std::string> names;
-    for (size_t i = 0; i < all.size(); ++i) {
-        names.push_back(all[i].isa);
-        if (name == all[i].isa) g_choice.store((int)i);
-    }
-    return names;
-}
 
 // (values, bytes) per block of a GGUF type; (0, 0) for a type without a kernel here.
 std::pair<int64_t, int64_t> block_size(int64_t qtype) {
@@ -249,6 +190,45 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& w, int64_t
     return matvec(x, w, qtype, k);
 }
 
+// qmatmul_bf16's quantity (x and W rounded to bfloat16, float32 sums) through a GEMM for
+// prompt rows: on AVX512-BF16, panels of W decoded and packed per thread (quant_gemm.h);
+// elsewhere qmatmul_bf16's row kernels. Each row of y is the same
+// whatever t is (not the same bits as qmatmul_bf16's row kernels: another order of sums).
+torch::Tensor qmatmul_bf16(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype, int64_t k);
+
+torch::Tensor qgemm_bf16(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype, int64_t k) {
+    const auto x = checked_input(x_in, w, qtype, k, torch::kFloat32);
+    const int64_t t = x.size(0), n = w.size(0), row_bytes = w.stride(0);
+#ifdef QK_HAVE_BF16
+    if (use_bf16_dot() && k % 2 == 0) {
+        const int64_t nr = k_gemm::NR;
+        const auto xb = x.to(torch::kBFloat16).contiguous();
+        auto y = torch::empty({t, n}, torch::dtype(torch::kFloat32));
+        const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
+        const uint8_t* wp = w.data_ptr<uint8_t>();
+        float* yp = y.data_ptr<float>();
+        const auto deq = kernels().dequant;
+        std::atomic<bool> ok{true};
+        parallel_rows((n + nr - 1) / nr, t * k * nr, [&](int64_t a, int64_t b) {
+            thread_local std::vector<float> f;  // a panel's rows, float32 (nr, k)
+            thread_local std::vector<uint32_t> p;  // the same as bfloat16 pairs
+            f.resize((size_t)(nr * k));
+            p.resize((size_t)(k / 2 * nr));
+            for (int64_t c = a; c < b; ++c) {
+                const int64_t c0 = c * nr;
+                const int live = (int)std::min(nr, n - c0);
+                if (!deq((int)qtype, wp + c0 * row_bytes, row_bytes, f.data(), k, 0, live)) return (void)(ok = false);
+                k_gemm::pack(f.data(), live, k, p.data());
+                k_gemm::panel(xp, t, k, p.data(), yp + c0, n, live);
+            }
+        });
+        TORCH_CHECK(ok, "no CPU kernel for GGUF tensor type ", qtype);
+        return y;
+    }
+#endif
+    return qmatmul_bf16(x, w, qtype, k);  // the row kernels: also each row alone
+}
+
 // x (t, k) @ W^T with x and W's values rounded to bfloat16, float32 sums -> (t, n) float32.
 // Every t takes the row kernels (no GEMM path), so each row of y is the same whatever t is.
 torch::Tensor qmatmul_bf16(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype, int64_t k) {
@@ -353,6 +333,7 @@ void set_num_threads(int64_t n) { kernel_threads_setting().store((int)std::max<i
 TORCH_LIBRARY_IMPL(gguf_serve, CPU, m) {
     m.impl("qmatmul", &qmatmul);
     m.impl("qmatmul_bf16", &qmatmul_bf16);
+    m.impl("qgemm_bf16", &qgemm_bf16);
     m.impl("qmatmul_q8", &qmatmul_q8);
     m.impl("dequantize", &dequantize);
 }

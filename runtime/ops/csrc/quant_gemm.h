@@ -1,0 +1,97 @@
+// Prompt GEMMs on AVX512-BF16: y = bf16(x) @ bf16(W)^T with float32 sums, W decoded a panel at a time.
+//
+// Included once by quant_cpu.cpp inside `#pragma GCC target(... avx512bf16)`. No include
+// guard on purpose. The quantity is qmatmul_bf16's (reference: runtime/ops/reference.py's
+// qmatmul_bf16); only the order of the float32 sums differs from its row kernels. Each
+// output y[i, c] is the same chain of vdpbf16ps over k whatever the call's row count,
+// panel or tile, so a row's result depends only on that row of x (batch == alone, bit
+// for bit) and W may be cut into row shards (tensor parallelism) without changing it.
+//
+// Layout: a panel of NR = 48 rows of W (output columns), decoded to float32 by the
+// dequantize kernels and packed as bfloat16 pairs: 32-bit word (q, c) holds W[c, 2q] in
+// its low half and W[c, 2q + 1] in its high half, words of one q and 16 columns side by
+// side, so one vector load gives 16 columns of a pair of k. x's rows, bfloat16 in their
+// natural order, give a pair as one broadcast 32-bit word. A tile of MR = 8 rows of x
+// against the panel holds 8 x 3 accumulators across all of k.
+
+namespace k_gemm {
+
+constexpr int NR = 48;  // W rows per panel: 3 vectors of 16 columns
+constexpr int MR = 8;   // x rows per register tile
+
+// Panel rows f (nr <= NR rows of k float32 values, k even) -> p: k / 2 groups of NR words;
+// columns past nr are zero.
+static void pack(const float* f, int nr, int64_t k, uint32_t* p) {
+    const int64_t kk = k / 2;
+    const __m512i rows = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)k));
+    for (int g = 0; g < NR / 16; ++g) {
+        const int live = std::min(16, nr - 16 * g);
+        uint32_t* out = p + 16 * g;
+        if (live <= 0) {
+            for (int64_t q = 0; q < kk; ++q) _mm512_storeu_si512(out + q * NR, _mm512_setzero_si512());
+            continue;
+        }
+        const __mmask16 m = (__mmask16)(live >= 16 ? 0xFFFF : (1u << live) - 1);
+        const float* base = f + 16 * g * k;
+        for (int64_t q = 0; q < kk; ++q) {
+            // values 2q and 2q + 1 of 16 rows, rounded to bfloat16 (to nearest, ties to even)
+            const __m512 a = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, rows, base + 2 * q, 4);
+            const __m512 b = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, rows, base + 2 * q + 1, 4);
+            const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(a));
+            const __m512i hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(b)), 16);
+            _mm512_storeu_si512(out + q * NR, _mm512_or_si512(lo, hi));
+        }
+    }
+}
+
+// R (<= MR) rows of x (bfloat16, row stride k) against a packed panel -> y's columns
+// [0, nr) of those rows (row stride n).
+template <int R>
+static inline void tile(const uint16_t* x, int64_t k, const uint32_t* p, float* y, int64_t n, int nr) {
+    __m512 acc[R][3];
+    for (int r = 0; r < R; ++r)
+        for (int g = 0; g < 3; ++g) acc[r][g] = _mm512_setzero_ps();
+    for (int64_t q = 0; q < k / 2; ++q) {
+        const uint32_t* pq = p + q * NR;
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(pq);
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(pq + 16);
+        const __m512bh w2 = (__m512bh)_mm512_loadu_si512(pq + 32);
+        for (int r = 0; r < R; ++r) {
+            int32_t pair;
+            std::memcpy(&pair, x + r * k + 2 * q, 4);
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, xv);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w1, xv);
+            acc[r][2] = _mm512_dpbf16_ps(acc[r][2], w2, xv);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int g = 0; g < 3; ++g) {
+            const int live = std::min(16, nr - 16 * g);
+            if (live >= 16)
+                _mm512_storeu_ps(y + r * n + 16 * g, acc[r][g]);
+            else if (live > 0)
+                _mm512_mask_storeu_ps(y + r * n + 16 * g, (__mmask16)((1u << live) - 1), acc[r][g]);
+        }
+}
+
+// All t rows of x against one packed panel, MR rows at a time.
+static void panel(const uint16_t* x, int64_t t, int64_t k, const uint32_t* p, float* y, int64_t n, int nr) {
+    int64_t i = 0;
+    for (; i + MR <= t; i += MR) tile<MR>(x + i * k, k, p, y + i * n, n, nr);
+    const uint16_t* xi = x + i * k;
+    float* yi = y + i * n;
+    switch (t - i) {
+        case 7: tile<7>(xi, k, p, yi, n, nr); break;
+        case 6: tile<6>(xi, k, p, yi, n, nr); break;
+        case 5: tile<5>(xi, k, p, yi, n, nr); break;
+        case 4: tile<4>(xi, k, p, yi, n, nr); break;
+        case 3: tile<3>(xi, k, p, yi, n, nr); break;
+        case 2: tile<2>(xi, k, p, yi, n, nr); break;
+        case 1: tile<1>(xi, k, p, yi, n, nr); break;
+        default: break;
+    }
+}
+
+}  // namespace k_gemm
