@@ -1,4 +1,4 @@
-"""The fused CPU kernels of the per-token ops (RMS norm, rotary, decode attention, grammar masks) against their plain-torch reference."""
+"""The fused CPU kernels of the per-token ops (RMS norm, rotary, gated activation, decode attention, grammar masks) against their plain-torch reference."""
 
 from __future__ import annotations
 
@@ -60,6 +60,33 @@ def test_rope_bfloat16_activations():
     cos, sin = torch.ones(2, 1, 8) * 0.6, torch.ones(2, 1, 8) * 0.8
     got = ops.rope(x, cos, sin, True)
     assert got.dtype == torch.bfloat16 and torch.equal(got, reference.rope(x, cos, sin, True))
+
+
+@pytest.mark.parametrize("gelu", [True, False], ids=["gelu_tanh", "silu"])
+@pytest.mark.parametrize("shape", [(1, 2048), (5, 33), (3, 4, 16), (0, 8)])
+def test_gated_matches_reference(gelu, shape):
+    gate, up = rand(*shape, seed=2) * 2, rand(*shape, seed=3)  # |gate| up to ~25: exp's far range
+    got = ops.gated(gate, up, gelu)
+    assert got.shape == gate.shape and got.dtype == gate.dtype
+    # the exact activation in float64; the float32 reference (torch) rounds tanh(z) to -1 for
+    # z < -8.7, losing gelu's tail (~1e-7) that the kernel's x / (1 + exp(-2z)) keeps
+    g64 = gate.double()
+    z = 0.7978845608028654 * (g64 + 0.044715 * g64**3)
+    exact = (g64 / (1 + torch.exp(-2 * z)) if gelu else g64 * torch.sigmoid(g64)) * up.double()
+    torch.testing.assert_close(got.double(), exact, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, reference.gated(gate, up, gelu), rtol=1e-6, atol=1e-6)
+    alone = [ops.gated(gate[i : i + 1], up[i : i + 1], gelu) for i in range(shape[0])]
+    assert all(torch.equal(a, got[i : i + 1]) for i, a in enumerate(alone))  # rows do not depend on the batch
+
+
+def test_gated_keeps_bfloat16_and_checks_shapes():
+    gate, up = rand(4, 64, seed=4, dtype=torch.bfloat16), rand(4, 64, seed=5, dtype=torch.bfloat16)
+    got = ops.gated(gate, up, True)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, reference.gated(gate, up, True), rtol=1e-2, atol=1e-2)
+    with pytest.raises(RuntimeError, match="differ in shape"):
+        ops.gated(rand(4, 64), rand(4, 32), True)
+    torch.library.opcheck(torch.ops.gguf_serve.gated, (rand(3, 40), rand(3, 40, seed=1), True))
 
 
 def test_opcheck():

@@ -107,6 +107,12 @@ def apply_bitmask_(logits: torch.Tensor, mask: torch.Tensor) -> None:
     torch.ops.gguf_serve.apply_bitmask_(logits, mask)
 
 
+def gated(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """act(gate) * up (T, F), act the tanh-approximated gelu (gelu=True) or silu: one pass on
+    the CPU (AVX-512 exp), the chain of torch ops elsewhere."""
+    return torch.ops.gguf_serve.gated(gate, up, gelu)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., d) * rsqrt(mean(x^2) + eps) * weight (d,), computed in float32, in x's dtype."""
     return torch.ops.gguf_serve.rms_norm(x, weight, eps)
@@ -132,7 +138,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> t
 
 
 __all__ = [
-    "GEMM_DTYPES", "KernelBuildError", "dequantize", "gemm_precision", "paged_decode",
+    "GEMM_DTYPES", "KernelBuildError", "dequantize", "gated", "gemm_precision", "paged_decode",
     "qgemm_bf16", "qmatmul", "qmatmul_bf16", "qmatmul_prompt", "qmatmul_q8", "quantize_q8", "rms_norm", "rope", "set_num_threads",
     "use_cpu_kernels",
 ]  # fmt: skip

@@ -52,6 +52,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * weight.float()).to(x.dtype)
 
 
+def gated(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """act(gate) * up, in float32: act the tanh-approximated gelu or silu; returns gate's dtype."""
+    g = gate.float()
+    a = torch.nn.functional.gelu(g, approximate="tanh") if gelu else torch.nn.functional.silu(g)
+    return (a * up.float()).to(gate.dtype)
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
     """x (T, H, D) rotated on its first 2 * half channels by cos/sin (T, 1, half), in float32.
 

@@ -32,6 +32,8 @@ LIB.impl("dequantize", reference.dequantize, "CompositeExplicitAutograd")
 # (a chain of torch ops) runs everywhere else.
 LIB.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 LIB.define("rope(Tensor x, Tensor cos, Tensor sin, bool neox) -> Tensor")
+LIB.define("gated(Tensor gate, Tensor up, bool gelu) -> Tensor")
+LIB.impl("gated", reference.gated, "CompositeExplicitAutograd")
 LIB.impl("rms_norm", reference.rms_norm, "CompositeExplicitAutograd")
 LIB.impl("rope", reference.rope, "CompositeExplicitAutograd")
 LIB.define(
@@ -93,6 +95,11 @@ def _apply_bitmask_fake(logits: torch.Tensor, mask: torch.Tensor) -> None:
 @torch.library.register_fake("gguf_serve::rms_norm")
 def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.empty_like(x)
+
+
+@torch.library.register_fake("gguf_serve::gated")
+def _gated_fake(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
+    return torch.empty_like(gate)
 
 
 @torch.library.register_fake("gguf_serve::rope")

@@ -1,4 +1,4 @@
-// CPU kernels for the small per-token ops of a decode step (RMS norm, rotary, decode attention, grammar masks), one pass each.
+// CPU kernels for the small per-token ops of a step (RMS norm, rotary, gated activation, decode attention, grammar masks), one pass each.
 //
 // A decode step runs ~10 of these per layer on a few hundred values; as chains of torch ops
 // each costs 5-10 dispatches, which is more time than the arithmetic. Rows are independent
@@ -85,6 +85,87 @@ torch::Tensor rope(const torch::Tensor& x_in, const torch::Tensor& cos_in, const
         }
     }
     return y.to(x_in.scalar_type());
+}
+
+// ---- gated activations: act(gate) * up, act = tanh-approximated gelu or silu ----
+
+inline float act_scalar(float x, bool gelu) {
+    if (!gelu) return x / (1.f + std::exp(-x));
+    const float z = 0.7978845608028654f * (x + 0.044715f * x * x * x);  // sqrt(2 / pi) (x + 0.044715 x^3)
+    return 0.5f * x * (1.f + std::tanh(z));
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx2,fma")
+// exp(x) to ~1 ulp for |x| <= 87: 2^n * p(r), r = x - n ln 2, p Cephes' expf polynomial.
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-87.f), _mm512_min_ps(_mm512_set1_ps(87.f), x));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// y[i] = act(g[i]) * u[i] for i < n, 16 at a time.
+static void gated_avx512(const float* g, const float* u, float* y, int64_t n, bool gelu) {
+    const __m512 one = _mm512_set1_ps(1.f);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        const __m512 x = _mm512_maskz_loadu_ps(m, g + i);
+        __m512 a;
+        if (gelu) {
+            const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+            const __m512 z = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                           _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), x3, x));
+            // 0.5 x (1 + tanh(z)) = x / (1 + exp(-2z)): no cancellation where tanh(z) is near -1
+            a = _mm512_div_ps(x, _mm512_add_ps(one, exp512(_mm512_mul_ps(_mm512_set1_ps(-2.f), z))));
+        } else {
+            a = _mm512_div_ps(x, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+        }
+        _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(a, _mm512_maskz_loadu_ps(m, u + i)));
+    }
+}
+#pragma GCC pop_options
+#endif
+
+// act(gate) * up for gate, up (T, F) -> (T, F) in gate's dtype; float32 math.
+torch::Tensor gated(const torch::Tensor& gate_in, const torch::Tensor& up_in, bool gelu) {
+    TORCH_CHECK(gate_in.sizes() == up_in.sizes(), "gated: gate and up differ in shape");
+    const auto g = gate_in.to(torch::kFloat32).contiguous();
+    const auto u = up_in.to(torch::kFloat32).contiguous();
+    auto y = torch::empty_like(g);
+    const int64_t f = g.dim() ? g.size(-1) : 1, rows = f ? g.numel() / f : 0;
+    const float* gp = g.data_ptr<float>();
+    const float* up = u.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+#if defined(__x86_64__) && defined(__GNUC__)
+    static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+#else
+    constexpr bool avx512 = false;
+#endif
+    parallel_rows(rows, 16 * f, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+            const int64_t o = r * f;
+#if defined(__x86_64__) && defined(__GNUC__)
+            if (avx512) {
+                gated_avx512(gp + o, up + o, yp + o, f, gelu);
+                continue;
+            }
+#endif
+            for (int64_t i = 0; i < f; ++i) yp[o + i] = act_scalar(gp[o + i], gelu) * up[o + i];
+        }
+    });
+    return y.to(gate_in.scalar_type());
 }
 
 template <typename T>
@@ -218,5 +299,6 @@ TORCH_LIBRARY_IMPL(gguf_serve, CPU, m) {
     m.impl("rms_norm", &rms_norm);
     m.impl("rope", &rope);
     m.impl("paged_decode", &paged_decode);
+    m.impl("gated", &gated);
     m.impl("apply_bitmask_", &apply_bitmask_);
 }

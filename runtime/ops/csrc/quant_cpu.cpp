@@ -202,9 +202,11 @@ torch::Tensor qgemm_bf16(const torch::Tensor& x_in, const torch::Tensor& w, int6
 #ifdef QK_HAVE_BF16
     if (use_bf16_dot() && k % 2 == 0) {
         const int64_t nr = k_gemm::NR;
-        const auto xb = x.to(torch::kBFloat16).contiguous();
+        auto xb = torch::empty({t, k}, torch::dtype(torch::kBFloat16));
         auto y = torch::empty({t, n}, torch::dtype(torch::kFloat32));
-        const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
+        uint16_t* xp = reinterpret_cast<uint16_t*>(xb.data_ptr<at::BFloat16>());
+        const float* xf = x.data_ptr<float>();
+        parallel_rows(t, k, [&](int64_t a, int64_t b) { k_gemm::to_bf16(xf + a * k, xp + a * k, (b - a) * k); });
         const uint8_t* wp = w.data_ptr<uint8_t>();
         float* yp = y.data_ptr<float>();
         const auto deq = kernels().dequant;

@@ -19,6 +19,17 @@ namespace k_gemm {
 constexpr int NR = 48;  // W rows per panel: 3 vectors of 16 columns
 constexpr int MR = 8;   // x rows per register tile
 
+// x[0 .. n) float32 -> bfloat16 (to nearest, ties to even), 32 at a time.
+static void to_bf16(const float* x, uint16_t* y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        _mm512_storeu_si512(y + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i)));
+    for (; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        _mm256_mask_storeu_epi16(y + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+}
+
 // Panel rows f (nr <= NR rows of k float32 values, k even) -> p: k / 2 groups of NR words;
 // columns past nr are zero.
 static void pack(const float* f, int nr, int64_t k, uint32_t* p) {
