@@ -37,7 +37,7 @@ class ServerSettings:
     shutdown_timeout: float = 30.0  # SIGTERM: seconds requests in flight get before they are aborted
     gemm_dtype: str = "bfloat16"
     head_dtype: str = "auto"  # the output head's products: bfloat16 or float32 (auto: bfloat16 for a quantized CPU head)
-    decode_dtype: str = "float32"  # decode rows' products: float32, or int8 activations as llama.cpp's CPU kernels
+    decode_dtype: str = "auto"  # decode rows' products: int8 activations as llama.cpp's CPU kernels, or float32
     device: str = "cpu"
     n_gpu_layers: int | None = None  # -ngl: the last N layers on --device, the rest on the CPU; None: all
     main_gpu: int | None = None  # -mg: rank 0's GPU (rank r uses main_gpu + r)
@@ -139,7 +139,7 @@ _FLAGS: list[_Flag] = [
     (_OURS, ("--dtype",), dict(choices=sorted(DTYPES), default="float32", help="activation and dense weight dtype")),
     (_OURS, ("--gemm-dtype",), dict(choices=GEMM_DTYPES, default="bfloat16", help="GEMMs of --weights quant on the CPU: bfloat16 multiplies prompt rows with bfloat16 operands and float32 sums (AVX512-BF16) and runs large decode batches on the bfloat16 units at ~float32 accuracy; float32: plain IEEE")),
     (_OURS, ("--head-dtype",), dict(choices=HEAD_DTYPES, default="auto", help="the output head's products (the logits): bfloat16 rounds the hidden state and the head's weights to bfloat16 and sums in float32 (~2.6x faster for batches with AVX512-BF16; llama.cpp's head quantizes activations to 8 bits); float32: exact; auto: bfloat16 for a quantized head on the CPU")),
-    (_OURS, ("--decode-dtype",), dict(choices=DECODE_DTYPES, default="float32", help="the layers' products for decode rows (a generated token fed back): int8 quantizes their activations per 32 values as llama.cpp's CPU kernels do (AVX512-VNNI dot products: the layers' share of a decode step ~1.8x faster); a request's tokens may then depend on its batch at near-ties; float32 (default): the same alone or batched")),
+    (_OURS, ("--decode-dtype",), dict(choices=DECODE_DTYPES, default="auto", help="the layers' products for decode rows (a generated token fed back): int8 quantizes their activations per 32 values as llama.cpp's CPU kernels do (AVX512-VNNI dot products: the layers' share of a decode step ~1.8x faster); float32: float32 products; auto (default): int8 for weights in blocks on a CPU with AVX512-VNNI")),
     (_OURS, ("--weights",), dict(choices=WEIGHTS, default="quant", help="quant: weights stay in GGUF blocks (quantized kernels); dense: dequantized to --dtype at load")),
     (_OURS, ("--grpc-port",), dict(type=int, default=50051, help="gRPC port beside HTTP, same engine (default: 50051; 0 disables)")),
     (_OURS, ("--no-http",), dict(dest="http", action="store_false", help="serve gRPC only")),

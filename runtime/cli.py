@@ -36,8 +36,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         help="the output head's products: bfloat16 operands with float32 sums (auto: for a quantized head on the CPU) or float32",
     )  # fmt: skip
     p.add_argument(
-        "--decode-dtype", choices=DECODE_DTYPES, default="float32",
-        help="decode rows' products: float32, or int8 activations per 32 values as llama.cpp's CPU kernels (AVX512-VNNI: faster decode)",
+        "--decode-dtype", choices=DECODE_DTYPES, default="auto",
+        help="decode rows' products: int8 activations per 32 values as llama.cpp's CPU kernels (AVX512-VNNI: faster decode), float32, or auto (int8 where that is fast)",
     )  # fmt: skip
     p.add_argument(
         "--weights", choices=WEIGHTS, default="quant",

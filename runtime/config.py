@@ -144,7 +144,7 @@ class Metadata:
 WEIGHTS = ("quant", "dense")
 GEMM_DTYPES = ("float32", "bfloat16")
 HEAD_DTYPES = ("auto", "float32", "bfloat16")
-DECODE_DTYPES = ("float32", "int8")
+DECODE_DTYPES = ("auto", "float32", "int8")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -174,9 +174,10 @@ class EngineConfig:
     head_dtype: str = "auto"
     # The layers' products for decode rows (a generated token fed back): "int8" quantizes
     # their activations per 32 values as llama.cpp's CPU kernels do (ops.qmatmul_q8: AVX512-VNNI
-    # dot products where the CPU has them). Prompt rows stay float, so a request's tokens may
-    # then depend on its batch at near-ties; "float32" keeps them the same alone or batched.
-    decode_dtype: str = "float32"
+    # dot products where the CPU has them); "float32": float32 products; "auto": int8 for
+    # weights in blocks on a CPU with AVX512-VNNI, float32 otherwise. Rows are routed by kind
+    # (ForwardBatch.decode_rows), so either way a request computes the same alone or batched.
+    decode_dtype: str = "auto"
     n_ctx: int = 4096  # KV pool, in tokens (all slots share it)
     block_size: int = 16  # tokens per KV block
     n_parallel: int = 8  # slots: concurrent requests

@@ -163,7 +163,7 @@ def main() -> int:
     ap.add_argument("--weights", default="quant", choices=WEIGHTS)
     ap.add_argument("--gemm-dtype", default="bfloat16", choices=GEMM_DTYPES)
     ap.add_argument("--head-dtype", default="auto", choices=HEAD_DTYPES)
-    ap.add_argument("--decode-dtype", default="float32", choices=DECODE_DTYPES)
+    ap.add_argument("--decode-dtype", default="auto", choices=DECODE_DTYPES)
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=1, help="parallel decode streams")

@@ -52,7 +52,7 @@ def test_flags_map_to_settings(tmp_path, llama3_tiny_path):
     assert not parse_args(["--slots-endpoint-disable"]).slots
     d = parse_args([])
     assert (d.weights, d.use_mmap, d.n_threads_batch) == ("quant", True, 0)
-    assert engine_config(d).decode_dtype == "float32"
+    assert engine_config(d).decode_dtype == "auto"
 
 
 @pytest.mark.parametrize(

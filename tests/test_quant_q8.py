@@ -162,3 +162,15 @@ def test_a_decode_row_computes_the_same_beside_a_prompt(tmp_path, decode_dtype):
     assert all(q8 == (n == 1) for n, q8 in alone_steps[1:])
     assert any(q8 == 1 and n > 9 for n, q8 in mixed_steps)  # A's decode row beside a prompt chunk (GEMM path)
     assert len(alone) == 8 and mixed == alone
+
+
+def test_auto_decode_dtype_is_int8_only_where_it_gains(tmp_path):
+    """--decode-dtype auto (the default): int8 for weights in blocks on a CPU with AVX512-VNNI,
+    float32 for dense weights (int8 rows there are quantize_q8 + a float product: no gain)."""
+    path = write_tiny_gguf(tmp_path / "q4k.gguf", "llama", "Q4_K")
+    quant = Engine(EngineConfig(model_path=str(path), n_ctx=64))
+    assert quant.runner.decode_dtype == ("int8" if ops.int8_dot() else "float32")
+    assert all(layer.down.decode_int8 == (quant.runner.decode_dtype == "int8") for layer in quant.runner.model.layers)
+    dense = Engine(EngineConfig(model_path=str(path), n_ctx=64, weights="dense"))
+    assert dense.runner.decode_dtype == "float32"
+    assert not any(layer.q.decode_int8 for layer in dense.runner.model.layers)

@@ -211,10 +211,13 @@ def _two_processes(path, prompts, n_predict=N_PREDICT, n_ctx=1024, **overrides: 
     ],
 )
 def test_two_processes_generate_what_one_does(tmp_path, arch, qtype, kw):
+    """float32 decode rows: the ranks' partial sums of a row-parallel product are added in
+    another order than one process's, and int8 rows' 8-bit rounding of the next input can
+    turn that last bit into a different token at a near-tie on these tiny random models."""
     path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch, qtype, **kw)
     prompts = _prompts(512)
-    expected = _one_process(path, prompts)
-    out = _two_processes(path, prompts)
+    expected = _one_process(path, prompts, decode_dtype="float32")
+    out = _two_processes(path, prompts, decode_dtype="float32")
     cfg = load_model(path).config
     assert out["shard"] == {
         "n_heads": cfg.n_heads // 2,
@@ -235,7 +238,8 @@ def test_int8_decode_rows_split_as_one_process_runs_them(tmp_path, arch, qtype):
     path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch, qtype)
     prompts = _prompts(512, seed=1)
     expected = _one_process(path, prompts, decode_dtype="int8", gemm_dtype="float32")
-    assert expected != _one_process(path, prompts, gemm_dtype="float32")  # int8 rows change this model's tokens
+    # int8 rows change this model's tokens
+    assert expected != _one_process(path, prompts, decode_dtype="float32", gemm_dtype="float32")
     assert _two_processes(path, prompts, decode_dtype="int8", gemm_dtype="float32")["ids"] == expected
 
 
@@ -255,12 +259,14 @@ def test_slot_files_move_between_one_and_two_processes(tmp_path, arch, qtype, kw
     one.mkdir(), two.mkdir()
 
     def engine(save_dir):
-        # float32 prompt GEMMs: bfloat16's would round the ranks' split sums apart (see above)
-        cfg = EngineConfig(model_path=str(path), n_ctx=1024, slot_save_path=str(save_dir), gemm_dtype="float32")
+        # float32 products: bfloat16's and int8's roundings would take the ranks' split sums apart (see above)
+        cfg = EngineConfig(
+            model_path=str(path), n_ctx=1024, slot_save_path=str(save_dir), gemm_dtype="float32", decode_dtype="float32"
+        )
         return Engine(cfg, load_model(path))
 
     def two_processes(save_dir, action) -> dict:
-        overrides = json.dumps({"gemm_dtype": "float32"})
+        overrides = json.dumps({"gemm_dtype": "float32", "decode_dtype": "float32"})
         out = spawn([str(path), json.dumps([prompt]), "8", "1024", overrides, str(save_dir), action], world=2)
         return json.loads(out[0])
 
@@ -302,11 +308,13 @@ def test_two_processes_on_the_default_model(default_model_path):
         "Once upon a time, in a small village,",
     ]
     prompts = [tok.encode(t) for t in texts]
-    engine = Engine(EngineConfig(model_path=str(default_model_path), n_ctx=1024), loaded)
+    # float32 decode rows, as above (with the default int8 rows one of these three parts from
+    # one process's tokens after 5 of them: a near-tie)
+    engine = Engine(EngineConfig(model_path=str(default_model_path), n_ctx=1024, decode_dtype="float32"), loaded)
     expected = engine.generate(
         prompts, SamplingParams(temperature=0.0, n_predict=N_PREDICT, ignore_eos=True)
     )
-    assert _two_processes(default_model_path, prompts)["ids"] == expected
+    assert _two_processes(default_model_path, prompts, decode_dtype="float32")["ids"] == expected
 
 
 # -- the server under torchrun -----------------------------------------------------------

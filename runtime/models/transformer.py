@@ -9,6 +9,7 @@ from functools import partial
 
 import torch
 
+from runtime import ops
 from runtime.config import ModelConfig
 from runtime.device_map import DeviceMap
 from runtime.forward_batch import ForwardBatch
@@ -176,7 +177,11 @@ class Transformer:
         return head_dtype
 
     def set_decode_dtype(self, decode_dtype: str) -> str:
-        """The layers' products for decode rows (EngineConfig.decode_dtype): "float32" or "int8"."""
+        """The layers' products for decode rows (EngineConfig.decode_dtype); returns "float32" or "int8"."""
+        if decode_dtype == "auto":
+            projs = [p for x in self.layers for p in (x.q, x.k, x.v, x.o, x.gate, x.up, x.down)]
+            quant_cpu = all(isinstance(p, QuantLinear) and p.weight.data.device.type == "cpu" for p in projs)
+            decode_dtype = "int8" if quant_cpu and projs and ops.int8_dot() else "float32"
         for layer in self.layers:
             for proj in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down):
                 proj.decode_int8 = decode_dtype == "int8"

@@ -23,6 +23,11 @@ def use_cpu_kernels() -> str:
     return str(load().isa())
 
 
+def int8_dot() -> bool:
+    """Whether the CPU kernels multiply int8 activations on AVX512-VNNI (qmatmul_q8's fast path)."""
+    return bool(load().int8_dot())
+
+
 def set_num_threads(n: int) -> None:
     """Threads the compiled CPU kernels use, apart from torch's own (0: follow torch's)."""
     load().set_num_threads(n)
@@ -138,7 +143,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> t
 
 
 __all__ = [
-    "GEMM_DTYPES", "KernelBuildError", "dequantize", "gated", "gemm_precision", "paged_decode",
+    "GEMM_DTYPES", "KernelBuildError", "dequantize", "gated", "gemm_precision", "int8_dot", "paged_decode",
     "qgemm_bf16", "qmatmul", "qmatmul_bf16", "qmatmul_prompt", "qmatmul_q8", "quantize_q8", "rms_norm", "rope", "set_num_threads",
     "use_cpu_kernels",
 ]  # fmt: skip
