@@ -119,11 +119,12 @@ def paged_case(b=5, h=4, kvh=1, d=64, dv=64, bs=16, nb=40, w=4, seed=0, dtype=to
 
 @pytest.mark.parametrize("h,kvh", [(4, 1), (4, 2), (3, 3)])
 @pytest.mark.parametrize("softcap", [0.0, 50.0])
-def test_paged_decode_matches_reference(h, kvh, softcap):
-    q, kc, vc, blocks, lo, hi = paged_case(h=h, kvh=kvh, dv=32)
+@pytest.mark.parametrize("d,dv", [(64, 32), (48, 16), (40, 24)])  # AVX-512 path (16s, a 16 after 32s); other sizes
+def test_paged_decode_matches_reference(h, kvh, softcap, d, dv):
+    q, kc, vc, blocks, lo, hi = paged_case(h=h, kvh=kvh, d=d, dv=dv)
     got = ops.paged_decode(q, kc, vc, blocks, lo, hi, 0.125, softcap)
     want = reference.paged_decode(q, kc, vc, blocks, lo, hi, 0.125, softcap)
-    assert got.shape == (5, h, 32)
+    assert got.shape == (5, h, dv)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
