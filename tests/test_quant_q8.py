@@ -174,3 +174,22 @@ def test_auto_decode_dtype_is_int8_only_where_it_gains(tmp_path):
     dense = Engine(EngineConfig(model_path=str(path), n_ctx=64, weights="dense"))
     assert dense.runner.decode_dtype == "float32"
     assert not any(layer.q.decode_int8 for layer in dense.runner.model.layers)
+
+
+def test_qmatmul_q8_many_is_separate_calls_in_one(kernels):
+    """One x, several matrices (types with and without an offset, a b term, one without an
+    int8 kernel): the same bits as one qmatmul_q8 call each."""
+    for qts in ([T.Q5_0, T.Q8_0, T.Q4_K, T.Q6_K], [T.Q4_1, T.Q2_K]):
+        ws = [weight(qt, n, 512, seed=n) for qt, n in zip(qts, (40, 17, 64, 9))]
+        for t in (1, 3):
+            x = torch.randn(t, 512, generator=torch.Generator().manual_seed(t))
+            many = ops.qmatmul_q8_many(x, ws, [int(q) for q in qts], 512)
+            assert len(many) == len(ws)
+            for y, w, qt in zip(many, ws, qts):
+                assert torch.equal(y, ops.qmatmul_q8(x, w, int(qt), 512)), (qt.name, t)
+    w = weight(T.Q8_0, 8, 64)
+    torch.library.opcheck(torch.ops.gguf_serve.qmatmul_q8_many, (torch.randn(2, 64), [w, w], [int(T.Q8_0)] * 2, 64))
+    with pytest.raises(RuntimeError, match="one type per weight"):
+        ops.qmatmul_q8_many(torch.randn(2, 64), [w], [int(T.Q8_0)] * 2, 64)
+    with pytest.raises(RuntimeError, match="x must be"):
+        ops.qmatmul_q8_many(torch.randn(2, 32), [w], [int(T.Q8_0)], 64)

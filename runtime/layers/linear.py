@@ -96,6 +96,26 @@ class QuantLinear:
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+def project(x: torch.Tensor, layers: tuple[Linear | QuantLinear, ...], decode_rows: int) -> list[torch.Tensor]:
+    """Each layer's product of the same x (T, in): in a decode step of int8 rows over weights
+    in blocks on the CPU, one qmatmul_q8_many call (x quantized once, one job); the same numbers."""
+    quant = [p for p in layers if isinstance(p, QuantLinear)]
+    if (
+        decode_rows == x.shape[0]
+        and x.device.type == "cpu"
+        and len(quant) == len(layers)
+        and all(p.decode_int8 and not p.bf16_products and p.weight.data.device.type == "cpu" for p in quant)
+        and len({p.weight.shape[1] for p in quant}) == 1
+    ):
+        ys = ops.qmatmul_q8_many(x, [p.weight.data for p in quant], [p.weight.qtype for p in quant], x.shape[1])
+        out = []
+        for p, y in zip(quant, ys):
+            y = y + p.bias if p.bias is not None else y
+            out.append(y if y.dtype == x.dtype else y.to(x.dtype))
+        return out
+    return [p(x, decode_rows) for p in layers]
+
+
 def linear(weight: Weight, bias: torch.Tensor | None = None) -> Linear | QuantLinear:
     """The layer for `weight`: dense or quantized."""
     if isinstance(weight, QuantWeight):

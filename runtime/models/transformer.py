@@ -16,7 +16,15 @@ from runtime.forward_batch import ForwardBatch
 from runtime.kv_cache import KVCache
 from runtime.layers.activation import gated
 from runtime.layers.attention import paged_attention
-from runtime.layers.linear import Embedding, Linear, QuantLinear, QuantWeight, Weight, linear
+from runtime.layers.linear import (
+    Embedding,
+    Linear,
+    QuantLinear,
+    QuantWeight,
+    Weight,
+    linear,
+    project,
+)
 from runtime.layers.norm import rms_norm
 from runtime.layers.rotary import Rotary
 
@@ -162,7 +170,8 @@ class Transformer:
             x = x + h
             h = rms_norm(x, layer.ffn_norm, c.norm_eps)
             n8 = b.decode_rows
-            h = self.reduce(layer.down(gated(layer.gate(h, n8), layer.up(h, n8), c.activation), n8))
+            gate, up = project(h, (layer.gate, layer.up), n8)
+            h = self.reduce(layer.down(gated(gate, up, c.activation), n8))
             if layer.post_ffn_norm is not None:
                 h = rms_norm(h, layer.post_ffn_norm, c.norm_eps)
             x = x + h
@@ -227,9 +236,10 @@ class Transformer:
         c = self.cfg
         t = h.shape[0]
         n8 = batch.decode_rows
-        q = layer.q(h, n8).view(t, c.n_heads, c.head_dim)
-        k = layer.k(h, n8).view(t, c.n_kv_heads, c.head_dim)
-        v = layer.v(h, n8).view(t, c.n_kv_heads, c.v_head_dim)
+        q, k, v = project(h, (layer.q, layer.k, layer.v), n8)
+        q = q.view(t, c.n_heads, c.head_dim)
+        k = k.view(t, c.n_kv_heads, c.head_dim)
+        v = v.view(t, c.n_kv_heads, c.v_head_dim)
         if layer.q_norm is not None and layer.k_norm is not None:
             q = rms_norm(q, layer.q_norm, c.norm_eps)
             k = rms_norm(k, layer.k_norm, c.norm_eps)

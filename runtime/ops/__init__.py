@@ -97,6 +97,12 @@ def qmatmul_q8(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Te
     return torch.ops.gguf_serve.qmatmul_q8(x, w, qtype, k)
 
 
+def qmatmul_q8_many(x: torch.Tensor, ws: list[torch.Tensor], qtypes: list[int], k: int) -> list[torch.Tensor]:
+    """qmatmul_q8 of one x with several matrices (a layer's q, k, v; gate, up): x quantized
+    once, every matrix's rows in one job of the kernel threads; the same numbers."""
+    return list(torch.ops.gguf_serve.qmatmul_q8_many(x, ws, qtypes, k))
+
+
 def quantize_q8(x: torch.Tensor) -> torch.Tensor:
     """x (t, k) float with each 32-value block of a row rounded to int8 levels (qmatmul_q8's x)."""
     return reference.quantize_q8(x)
@@ -144,6 +150,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> t
 
 __all__ = [
     "GEMM_DTYPES", "KernelBuildError", "dequantize", "gated", "gemm_precision", "int8_dot", "paged_decode",
-    "qgemm_bf16", "qmatmul", "qmatmul_bf16", "qmatmul_prompt", "qmatmul_q8", "quantize_q8", "rms_norm", "rope", "set_num_threads",
+    "qgemm_bf16", "qmatmul", "qmatmul_bf16", "qmatmul_prompt", "qmatmul_q8", "qmatmul_q8_many", "quantize_q8", "rms_norm", "rope", "set_num_threads",
     "use_cpu_kernels",
 ]  # fmt: skip

@@ -28,6 +28,11 @@ def qmatmul_bf16(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.
     return torch.nn.functional.linear(x.bfloat16().float(), dequantize(w, qtype, k).bfloat16().float())
 
 
+def qmatmul_q8_many(x: torch.Tensor, ws: list[torch.Tensor], qtypes: list[int], k: int) -> list[torch.Tensor]:
+    """[qmatmul_q8(x, w, qtype, k) for each matrix]."""
+    return [qmatmul_q8(x, w, qt, k) for w, qt in zip(ws, qtypes)]
+
+
 def quantize_q8(x: torch.Tensor) -> torch.Tensor:
     """x (t, k) float32 with each 32-value block of a row as int8 values times their scale:
     q = round(x * 127 / amax) (ties to even), x_hat = q * amax / 127 (a short last block too)."""

@@ -250,63 +250,7 @@ torch::Tensor qmatmul_bf16(const torch::Tensor& x_in, const torch::Tensor& w, in
     return y;
 }
 
-namespace {
-
-// n (<= 32) values of x as int8 q (rounded to nearest, ties to even) and their scale
-// amax / 127, as runtime/ops/reference.py's quantize_q8 computes them.
-float quantize_block(const float* x, int n, int8_t* q) {
-    float amax = 0.f;
-    for (int i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
-    const float id = amax > 0.f ? 127.f / amax : 0.f;
-    for (int i = 0; i < n; ++i) q[i] = (int8_t)std::nearbyint(std::min(127.f, std::max(-127.f, x[i] * id)));
-    return amax / 127.f;
-}
-
-// x_hat (t, k): x with each 32-value block replaced by its int8 values times their scale.
-torch::Tensor quantized_q8(const torch::Tensor& x) {
-    const int64_t t = x.size(0), k = x.size(1);
-    auto y = torch::empty({t, k}, torch::dtype(torch::kFloat32));
-    const float* xp = x.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    int8_t q[32];
-    for (int64_t i = 0; i < t; ++i)
-        for (int64_t b0 = 0; b0 < k; b0 += 32) {  // a row's last block may be short (F16 rows)
-            const int nb = (int)std::min<int64_t>(32, k - b0);
-            const float d = quantize_block(xp + i * k + b0, nb, q);
-            for (int j = 0; j < nb; ++j) yp[i * k + b0 + j] = (float)q[j] * d;
-        }
-    return y;
-}
-
-}  // namespace
-
-// x (t, k) @ W^T with x's rows quantized to int8 per 32 values (scale amax / 127) -> (t, n)
-// float32: llama.cpp's CPU numerics for decode rows. Each row of y is the same whatever t is.
-torch::Tensor qmatmul_q8(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype, int64_t k) {
-    const auto x = checked_input(x_in, w, qtype, k, torch::kFloat32);
-#ifdef QK_HAVE_VNNI
-    const int off = k_vnni::q8_offset((int)qtype);
-    if (off >= 0 && use_int8_dot()) {
-        // Every type here has k % 32 == 0: whole blocks of 8 lanes (4 values each).
-        const int64_t t = x.size(0), n = w.size(0), row_bytes = w.stride(0);
-        const int64_t kp = (k + 63) / 64 * 64, lanes = kp / 4;
-        // past k: q 0 (stored as 128 when shifted), dx 0, so padding adds nothing
-        std::vector<uint8_t> q((size_t)(t * kp), off ? 0x80 : 0);
-        std::vector<float> dx((size_t)(t * lanes), 0.f), dsum((size_t)(t * kp / 32), 0.f);
-        k_vnni::quantize_x(x.data_ptr<float>(), t, k, off > 0, q.data(), dx.data(), dsum.data(), kp);
-        auto y = torch::empty({t, n}, torch::dtype(torch::kFloat32));
-        const k_vnni::Q8Act act{q.data(), dx.data(), dsum.data(), kp};
-        const uint8_t* wp = w.data_ptr<uint8_t>();
-        float* yp = y.data_ptr<float>();
-        over_rows(n, k, t, qtype, [&](int64_t r0, int64_t r1, float* buf) {
-            return k_vnni::matvec_q8((int)qtype, wp, row_bytes, act, yp, t, n, k, r0, r1, buf);
-        });
-        return y;
-    }
-#endif
-    // Other CPUs and types: the same x_hat through the float32 row kernels.
-    return matvec(quantized_q8(x), w, qtype, k);
-}
+#include "q8_ops.h"
 
 // W (n, row_bytes) GGUF blocks -> (n, k) float32.
 torch::Tensor dequantize(const torch::Tensor& w, int64_t qtype, int64_t k) {
@@ -337,6 +281,7 @@ TORCH_LIBRARY_IMPL(gguf_serve, CPU, m) {
     m.impl("qmatmul_bf16", &qmatmul_bf16);
     m.impl("qgemm_bf16", &qgemm_bf16);
     m.impl("qmatmul_q8", &qmatmul_q8);
+    m.impl("qmatmul_q8_many", &qmatmul_q8_many);
     m.impl("dequantize", &dequantize);
 }
 

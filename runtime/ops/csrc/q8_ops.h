@@ -1,0 +1,123 @@
+// The int8 products' host side: x quantized once, then AVX512-VNNI kernels over W's rows.
+//
+// Included once by quant_cpu.cpp after its helpers (checked_input, matvec, over_rows,
+// parallel_rows, use_int8_dot) and the kernels of quant_q8.h. No include guard on purpose.
+
+namespace {
+
+// n (<= 32) values of x as int8 q (rounded to nearest, ties to even) and their scale
+// amax / 127, as runtime/ops/reference.py's quantize_q8 computes them.
+float quantize_block(const float* x, int n, int8_t* q) {
+    float amax = 0.f;
+    for (int i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float id = amax > 0.f ? 127.f / amax : 0.f;
+    for (int i = 0; i < n; ++i) q[i] = (int8_t)std::nearbyint(std::min(127.f, std::max(-127.f, x[i] * id)));
+    return amax / 127.f;
+}
+
+// x_hat (t, k): x with each 32-value block replaced by its int8 values times their scale.
+torch::Tensor quantized_q8(const torch::Tensor& x) {
+    const int64_t t = x.size(0), k = x.size(1);
+    auto y = torch::empty({t, k}, torch::dtype(torch::kFloat32));
+    const float* xp = x.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    int8_t q[32];
+    for (int64_t i = 0; i < t; ++i)
+        for (int64_t b0 = 0; b0 < k; b0 += 32) {  // a row's last block may be short (F16 rows)
+            const int nb = (int)std::min<int64_t>(32, k - b0);
+            const float d = quantize_block(xp + i * k + b0, nb, q);
+            for (int j = 0; j < nb; ++j) yp[i * k + b0 + j] = (float)q[j] * d;
+        }
+    return y;
+}
+
+#ifdef QK_HAVE_VNNI
+// x (t, k) float32, contiguous, quantized for a type with (shifted: q + 128) or without a
+// weight offset, and the buffers behind its Q8Act.
+struct Q8Input {
+    std::vector<uint8_t> q;
+    std::vector<float> dx, dsum;
+    k_vnni::Q8Act act;
+
+    Q8Input(const torch::Tensor& x, int64_t k, bool shifted) {
+        // Every type with a kernel has k % 32 == 0: whole blocks of 8 lanes (4 values each).
+        const int64_t t = x.size(0), kp = (k + 63) / 64 * 64;
+        // past k: q 0 (stored as 128 when shifted), dx 0, so padding adds nothing
+        q.assign((size_t)(t * kp), shifted ? 0x80 : 0);
+        dx.assign((size_t)(t * kp / 4), 0.f);
+        dsum.assign((size_t)(t * kp / 32), 0.f);
+        k_vnni::quantize_x(x.data_ptr<float>(), t, k, shifted, q.data(), dx.data(), dsum.data(), kp);
+        act = k_vnni::Q8Act{q.data(), dx.data(), dsum.data(), kp};
+    }
+};
+#endif
+
+}  // namespace
+
+// x (t, k) @ W^T with x's rows quantized to int8 per 32 values (scale amax / 127) -> (t, n)
+// float32: llama.cpp's CPU numerics for decode rows. Each row of y is the same whatever t is.
+torch::Tensor qmatmul_q8(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype, int64_t k) {
+    const auto x = checked_input(x_in, w, qtype, k, torch::kFloat32);
+#ifdef QK_HAVE_VNNI
+    const int off = k_vnni::q8_offset((int)qtype);
+    if (off >= 0 && use_int8_dot()) {
+        const int64_t t = x.size(0), n = w.size(0), row_bytes = w.stride(0);
+        const Q8Input in(x, k, off > 0);
+        auto y = torch::empty({t, n}, torch::dtype(torch::kFloat32));
+        const uint8_t* wp = w.data_ptr<uint8_t>();
+        float* yp = y.data_ptr<float>();
+        over_rows(n, k, t, qtype, [&](int64_t r0, int64_t r1, float* buf) {
+            return k_vnni::matvec_q8((int)qtype, wp, row_bytes, in.act, yp, t, n, k, r0, r1, buf);
+        });
+        return y;
+    }
+#endif
+    // Other CPUs and types: the same x_hat through the float32 row kernels.
+    return matvec(quantized_q8(x), w, qtype, k);
+}
+
+// qmatmul_q8 of one x with several matrices (a layer's q, k, v or gate, up): x quantized
+// once per kind of type, every matrix's rows in one job of the kernel threads (a decode
+// step's small products otherwise pay a job each). The same numbers as separate calls.
+std::vector<torch::Tensor> qmatmul_q8_many(const torch::Tensor& x_in, at::TensorList ws, at::IntArrayRef qtypes,
+                                           int64_t k) {
+    TORCH_CHECK(ws.size() == qtypes.size() && !ws.empty(), "qmatmul_q8_many: one type per weight");
+    std::vector<torch::Tensor> ys;
+    const auto x = checked_input(x_in, ws[0], qtypes[0], k, torch::kFloat32);
+    bool fast = use_int8_dot();
+    for (size_t i = 0; i < ws.size(); ++i) {
+        checked_input(x, ws[i], qtypes[i], k, torch::kFloat32);
+#ifdef QK_HAVE_VNNI
+        fast = fast && k_vnni::q8_offset((int)qtypes[i]) >= 0;
+#endif
+    }
+#ifdef QK_HAVE_VNNI
+    if (fast) {
+        const int64_t t = x.size(0);
+        std::unique_ptr<Q8Input> shifted, plain;  // x for types with an offset, for types without
+        std::vector<int64_t> first{0};  // matrix i's rows are [first[i], first[i + 1]) of the job
+        for (size_t i = 0; i < ws.size(); ++i) {
+            auto& in = k_vnni::q8_offset((int)qtypes[i]) > 0 ? shifted : plain;
+            if (!in) in = std::make_unique<Q8Input>(x, k, &in == &shifted);
+            ys.push_back(torch::empty({t, ws[i].size(0)}, torch::dtype(torch::kFloat32)));
+            first.push_back(first.back() + ws[i].size(0));
+        }
+        over_rows(first.back(), k, t, qtypes[0], [&](int64_t r0, int64_t r1, float* buf) {
+            for (size_t i = 0; i < ws.size(); ++i) {
+                const int64_t a = std::max(r0, first[i]) - first[i], b = std::min(r1, first[i + 1]) - first[i];
+                if (a >= b) continue;
+                const int qt = (int)qtypes[i];
+                const auto& act = (k_vnni::q8_offset(qt) > 0 ? shifted : plain)->act;
+                if (!k_vnni::matvec_q8(qt, ws[i].data_ptr<uint8_t>(), ws[i].stride(0), act, ys[i].data_ptr<float>(), t,
+                                       ws[i].size(0), k, a, b, buf))
+                    return false;
+            }
+            return true;
+        });
+        return ys;
+    }
+#endif
+    for (size_t i = 0; i < ws.size(); ++i) ys.push_back(qmatmul_q8(x, ws[i], qtypes[i], k));
+    return ys;
+}
+
