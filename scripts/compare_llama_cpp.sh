@@ -9,7 +9,7 @@
 # taken in the same run.
 #
 # Usage: scripts/compare_llama_cpp.sh [-m model.gguf] [-t threads] [-- flags for bench.py and gguf-serve,
-#        such as --decode-dtype int8]
+#        such as --decode-dtype float32]
 set -euo pipefail
 source "$(dirname "$0")/install.sh"
 ensure_env ""
