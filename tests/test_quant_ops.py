@@ -55,40 +55,33 @@ def test_qmatmul_bf16_matches_reference(qt, isa):
             kernels.allow_bf16_dot(True)
 
 
-def _check_qmatmul_bf16(qt: T) -> None:
-    k = 512 if GGML_QUANT_SIZES[qt][0] == 256 else 96
-    w = weight(qt, 45, k, seed=2)
+def _check_bf16_rows(matmul, qt: T, n: int, ts: tuple[int, ...], seed: int) -> None:
+    """matmul(x, W) against the exact product of the bfloat16-rounded operands, t rows at a
+    time, and each row alone giving the same bits (a request never depends on its batch)."""
+    k = 512 if GGML_QUANT_SIZES[qt][0] == 256 else 96  # odd block counts per row
+    w = weight(qt, n, k, seed=seed)
     wr = reference.dequantize(w, int(qt), k).bfloat16().double()
-    for t in (1, 2, 5, 8, 9, 17, 64):  # the 1-8 row groups and their remainders; no GEMM path
+    for t in ts:
         x = torch.randn(t, k, generator=torch.Generator().manual_seed(t))
         want = x.bfloat16().double() @ wr.T  # exact products of the rounded operands
         scale = x.bfloat16().double().abs() @ wr.abs().T  # what float32 sums can lose is relative to this
-        got = ops.qmatmul_bf16(x, w, int(qt), k)
-        assert got.shape == (t, 45) and got.dtype == torch.float32
+        got = matmul(x, w, int(qt), k)
+        assert got.shape == (t, n) and got.dtype == torch.float32
         err = ((got - want).abs() / scale.clamp_min(1e-30)).max().item()
-        assert err < 1e-6, f"{qt.name} t={t}: error {err:.2e} of the products' magnitude"
-        # each row alone gives the same bits: a request's logits never depend on its batch
-        alone = torch.cat([ops.qmatmul_bf16(x[i : i + 1], w, int(qt), k) for i in range(t)])
-        assert torch.equal(alone, got), f"{qt.name} t={t}: a row changed with the batch"
+        assert err < 1e-6, f"{qt.name} n={n} t={t}: error {err:.2e} of the products' magnitude"
+        alone = torch.cat([matmul(x[i : i + 1], w, int(qt), k) for i in range(t)])
+        assert torch.equal(alone, got), f"{qt.name} n={n} t={t}: a row changed with the batch"
+
+
+def _check_qmatmul_bf16(qt: T) -> None:
+    _check_bf16_rows(ops.qmatmul_bf16, qt, 45, (1, 2, 5, 8, 9, 17, 64), seed=2)  # the 1-8 row groups, remainders
 
 
 @pytest.mark.parametrize("qt", TYPES, ids=lambda q: q.name)
 def test_qgemm_bf16_matches_reference(qt, isa):
     """The prompt GEMM: qmatmul_bf16's quantity for any row count, each row the same alone."""
-    k = 512 if GGML_QUANT_SIZES[qt][0] == 256 else 96
-    for n in (45, 100):  # a partial panel of 48 output rows; two whole ones and a partial
-        w = weight(qt, n, k, seed=n)
-        wr = reference.dequantize(w, int(qt), k).bfloat16().double()
-        for t in (1, 7, 8, 9, 17, 64):  # the 8-row tiles and their remainders
-            x = torch.randn(t, k, generator=torch.Generator().manual_seed(t))
-            want = x.bfloat16().double() @ wr.T
-            scale = x.bfloat16().double().abs() @ wr.abs().T
-            got = ops.qgemm_bf16(x, w, int(qt), k)
-            assert got.shape == (t, n) and got.dtype == torch.float32
-            err = ((got - want).abs() / scale.clamp_min(1e-30)).max().item()
-            assert err < 1e-6, f"{qt.name} n={n} t={t}: error {err:.2e} of the products' magnitude"
-            alone = torch.cat([ops.qgemm_bf16(x[i : i + 1], w, int(qt), k) for i in range(t)])
-            assert torch.equal(alone, got), f"{qt.name} n={n} t={t}: a row changed with the batch"
+    for n in (45, 100):  # a partial panel of 64 output rows; a whole one and a partial
+        _check_bf16_rows(ops.qgemm_bf16, qt, n, (1, 5, 6, 7, 13, 17, 64), seed=n)  # the 6-row tiles, remainders
 
 
 def test_qgemm_bf16_without_bf16_units(kernels):

@@ -91,6 +91,10 @@ class QuantLinear:
                 y = ops.qmatmul_prompt(x, *args)
             else:
                 y = torch.cat([decode(x[:d], *args), ops.qmatmul_prompt(x[d:], *args)])
+        return self.finish(y, x)
+
+    def finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The product y (T, out) float32 of x -> plus the bias, in x's dtype."""
         if self.bias is not None:
             y = y + self.bias
         return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -108,11 +112,7 @@ def project(x: torch.Tensor, layers: tuple[Linear | QuantLinear, ...], decode_ro
         and len({p.weight.shape[1] for p in quant}) == 1
     ):
         ys = ops.qmatmul_q8_many(x, [p.weight.data for p in quant], [p.weight.qtype for p in quant], x.shape[1])
-        out = []
-        for p, y in zip(quant, ys):
-            y = y + p.bias if p.bias is not None else y
-            out.append(y if y.dtype == x.dtype else y.to(x.dtype))
-        return out
+        return [p.finish(y, x) for p, y in zip(quant, ys)]
     return [p(x, decode_rows) for p in layers]
 
 

@@ -187,13 +187,12 @@ class Transformer:
 
     def set_decode_dtype(self, decode_dtype: str) -> str:
         """The layers' products for decode rows (EngineConfig.decode_dtype); returns "float32" or "int8"."""
+        projs = [p for x in self.layers for p in (x.q, x.k, x.v, x.o, x.gate, x.up, x.down)]
         if decode_dtype == "auto":
-            projs = [p for x in self.layers for p in (x.q, x.k, x.v, x.o, x.gate, x.up, x.down)]
             quant_cpu = all(isinstance(p, QuantLinear) and p.weight.data.device.type == "cpu" for p in projs)
             decode_dtype = "int8" if quant_cpu and projs and ops.int8_dot() else "float32"
-        for layer in self.layers:
-            for proj in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down):
-                proj.decode_int8 = decode_dtype == "int8"
+        for p in projs:
+            p.decode_int8 = decode_dtype == "int8"
         return decode_dtype
 
     @torch.inference_mode()

@@ -80,7 +80,7 @@ def qmatmul_bf16(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.
 
 
 def qgemm_bf16(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
-    """qmatmul_bf16's quantity through the prompt GEMM (qmatmul's path beyond 8 rows under
+    """qmatmul_bf16's quantity through the prompt GEMM (qmatmul_prompt's under
     gemm_precision("bfloat16")): panels of W decoded, packed and multiplied by AVX512-BF16
     register tiles. Each row's result is independent of t, but not the row kernels' bits.
     """

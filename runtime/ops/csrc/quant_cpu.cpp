@@ -190,12 +190,12 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& w, int64_t
     return matvec(x, w, qtype, k);
 }
 
-// qmatmul_bf16's quantity (x and W rounded to bfloat16, float32 sums) through a GEMM for
-// prompt rows: on AVX512-BF16, panels of W decoded and packed per thread (quant_gemm.h);
-// elsewhere qmatmul_bf16's row kernels. Each row of y is the same
-// whatever t is (not the same bits as qmatmul_bf16's row kernels: another order of sums).
 torch::Tensor qmatmul_bf16(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype, int64_t k);
 
+// qmatmul_bf16's quantity (x and W rounded to bfloat16, float32 sums) through a GEMM for
+// prompt rows: on AVX512-BF16, panels of W decoded and packed per thread (quant_gemm.h);
+// elsewhere qmatmul_bf16's row kernels. Each row of y is the same whatever t is (not the
+// same bits as qmatmul_bf16's row kernels: another order of sums).
 torch::Tensor qgemm_bf16(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype, int64_t k) {
     const auto x = checked_input(x_in, w, qtype, k, torch::kFloat32);
     const int64_t t = x.size(0), n = w.size(0), row_bytes = w.stride(0);
