@@ -32,22 +32,23 @@ torch::Tensor quantized_q8(const torch::Tensor& x) {
 }
 
 #ifdef QK_HAVE_VNNI
-// x (t, k) float32, contiguous, quantized for a type with (shifted: q + 128) or without a
-// weight offset, and the buffers behind its Q8Act.
+// x (t, k) float32, contiguous, quantized once for every type, and the buffers behind its Q8Act.
 struct Q8Input {
-    std::vector<uint8_t> q;
+    std::vector<int8_t> q;
     std::vector<float> dx, dsum;
+    std::vector<int32_t> nls;
     k_vnni::Q8Act act;
 
-    Q8Input(const torch::Tensor& x, int64_t k, bool shifted) {
+    Q8Input(const torch::Tensor& x, int64_t k) {
         // Every type with a kernel has k % 32 == 0: whole blocks of 8 lanes (4 values each).
         const int64_t t = x.size(0), kp = (k + 63) / 64 * 64;
-        // past k: q 0 (stored as 128 when shifted), dx 0, so padding adds nothing
-        q.assign((size_t)(t * kp), shifted ? 0x80 : 0);
+        // past k: q 0, dx 0, so padding adds nothing
+        q.assign((size_t)(t * kp), 0);
         dx.assign((size_t)(t * kp / 4), 0.f);
+        nls.assign((size_t)(t * kp / 4), 0);
         dsum.assign((size_t)(t * kp / 32), 0.f);
-        k_vnni::quantize_x(x.data_ptr<float>(), t, k, shifted, q.data(), dx.data(), dsum.data(), kp);
-        act = k_vnni::Q8Act{q.data(), dx.data(), dsum.data(), kp};
+        k_vnni::quantize_x(x.data_ptr<float>(), t, k, q.data(), dx.data(), nls.data(), dsum.data(), kp);
+        act = k_vnni::Q8Act{q.data(), dx.data(), nls.data(), dsum.data(), kp};
     }
 };
 #endif
@@ -62,7 +63,7 @@ torch::Tensor qmatmul_q8(const torch::Tensor& x_in, const torch::Tensor& w, int6
     const int off = k_vnni::q8_offset((int)qtype);
     if (off >= 0 && use_int8_dot()) {
         const int64_t t = x.size(0), n = w.size(0), row_bytes = w.stride(0);
-        const Q8Input in(x, k, off > 0);
+        const Q8Input in(x, k);
         auto y = torch::empty({t, n}, torch::dtype(torch::kFloat32));
         const uint8_t* wp = w.data_ptr<uint8_t>();
         float* yp = y.data_ptr<float>();
@@ -77,7 +78,7 @@ torch::Tensor qmatmul_q8(const torch::Tensor& x_in, const torch::Tensor& w, int6
 }
 
 // qmatmul_q8 of one x with several matrices (a layer's q, k, v or gate, up): x quantized
-// once per kind of type, every matrix's rows in one job of the kernel threads (a decode
+// once, every matrix's rows in one job of the kernel threads (a decode
 // step's small products otherwise pay a job each). The same numbers as separate calls.
 std::vector<torch::Tensor> qmatmul_q8_many(const torch::Tensor& x_in, at::TensorList ws, at::IntArrayRef qtypes,
                                            int64_t k) {
@@ -94,11 +95,9 @@ std::vector<torch::Tensor> qmatmul_q8_many(const torch::Tensor& x_in, at::Tensor
 #ifdef QK_HAVE_VNNI
     if (fast) {
         const int64_t t = x.size(0);
-        std::unique_ptr<Q8Input> shifted, plain;  // x for types with an offset, for types without
+        const Q8Input in(x, k);
         std::vector<int64_t> first{0};  // matrix i's rows are [first[i], first[i + 1]) of the job
         for (size_t i = 0; i < ws.size(); ++i) {
-            auto& in = k_vnni::q8_offset((int)qtypes[i]) > 0 ? shifted : plain;
-            if (!in) in = std::make_unique<Q8Input>(x, k, &in == &shifted);
             ys.push_back(torch::empty({t, ws[i].size(0)}, torch::dtype(torch::kFloat32)));
             first.push_back(first.back() + ws[i].size(0));
         }
@@ -107,8 +106,7 @@ std::vector<torch::Tensor> qmatmul_q8_many(const torch::Tensor& x_in, at::Tensor
                 const int64_t a = std::max(r0, first[i]) - first[i], b = std::min(r1, first[i + 1]) - first[i];
                 if (a >= b) continue;
                 const int qt = (int)qtypes[i];
-                const auto& act = (k_vnni::q8_offset(qt) > 0 ? shifted : plain)->act;
-                if (!k_vnni::matvec_q8(qt, ws[i].data_ptr<uint8_t>(), ws[i].stride(0), act, ys[i].data_ptr<float>(), t,
+                if (!k_vnni::matvec_q8(qt, ws[i].data_ptr<uint8_t>(), ws[i].stride(0), in.act, ys[i].data_ptr<float>(), t,
                                        ws[i].size(0), k, a, b, buf))
                     return false;
             }

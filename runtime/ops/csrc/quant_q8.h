@@ -10,11 +10,11 @@
 // is decoded to unsigned bytes u with value = a * (u - OFF) + b per lane of 4 values, so
 //   sum(value * x_hat) = dx * (a * sum((u - OFF) * q) + b * sum(q))
 // where the integer sum is exact in int32 and only the per-lane combination is float32.
-// vpdpbusd multiplies unsigned by signed bytes: for a type with an offset (b = 0) the
-// weights s = u - OFF are the signed side and x is stored as q + 128, the sum then started
-// from -128 * sum(s) (once per weight chunk and group of up to 4 rows); for a type with
-// a b term (OFF = 0) u is the unsigned side and q the signed one. Each row of y is
-// computed alone, so a row's result does not depend on the other rows of the call.
+// vpdpbusd multiplies unsigned by signed bytes: u is the unsigned side and q the signed one,
+// and for a type with an offset the sum starts from OFF * (-sum(q)) per lane (kept beside q,
+// one shift per chunk: every OFF is a power of two) instead of subtracting OFF from the
+// weights. A type without one (OFF = 0) has its b term instead. Each row of y is computed
+// alone, so a row's result does not depend on the other rows of the call.
 
 namespace k_vnni {
 
@@ -23,18 +23,19 @@ using k_avx512::h2f;
 using k_avx512::nibbles32;
 using k_avx512::scale_min_k4;
 
-// A call's x, quantized by quantize_x: per row kp = k rounded up to 64 bytes of q (q + 128
-// as unsigned bytes for a type with an offset; zero past k); per lane of 4 values dx (its
-// block's scale); per 32-value block dx * sum(q) (the b term's; only for unshifted q).
+// A call's x, quantized by quantize_x: per row kp = k rounded up to 64 bytes of int8 q
+// (zero past k); per lane of 4 values dx (its block's scale) and -sum(q) over the lane;
+// per 32-value block dx * sum(q) (the b term's).
 struct Q8Act {
-    const uint8_t* q;
+    const int8_t* q;
     const float* dx;
+    const int32_t* nls;
     const float* dsum;
     int64_t kp;
 };
 
 // x (t, k) float32 -> the Q8Act buffers, q rounded as runtime/ops/reference.py's quantize_q8.
-static void quantize_x(const float* x, int64_t t, int64_t k, bool shifted, uint8_t* q, float* dx, float* dsum,
+static void quantize_x(const float* x, int64_t t, int64_t k, int8_t* q, float* dx, int32_t* nls, float* dsum,
                        int64_t kp) {
     const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     const __m512 hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
@@ -49,13 +50,24 @@ static void quantize_x(const float* x, int64_t t, int64_t k, bool shifted, uint8
             const __m512i q0 = _mm512_cvtps_epi32(_mm512_max_ps(lo, _mm512_min_ps(hi, _mm512_mul_ps(v0, s))));
             const __m512i q1 = _mm512_cvtps_epi32(_mm512_max_ps(lo, _mm512_min_ps(hi, _mm512_mul_ps(v1, s))));
             const __m256i qb = _mm256_set_m128i(_mm512_cvtepi32_epi8(q1), _mm512_cvtepi32_epi8(q0));
-            const __m256i stored = shifted ? _mm256_xor_si256(qb, _mm256_set1_epi8((char)0x80)) : qb;
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i * kp + b0), stored);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i * kp + b0), qb);
             _mm256_storeu_ps(dx + i * (kp / 4) + b0 / 4, _mm256_set1_ps(d));
-            if (shifted) continue;  // types with an offset have no b term
             const __m256i sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones, qb);  // per lane of 4
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(nls + i * (kp / 4) + b0 / 4),
+                                _mm256_sub_epi32(_mm256_setzero_si256(), sums));
             dsum[i * (kp / 32) + b0 / 32] = d * (float)_mm512_reduce_add_epi32(_mm512_zextsi256_si512(sums));
         }
+}
+
+// log2 of a type's weight offset (a power of two), the shift of -sum(q) that starts its sums.
+constexpr int off_shift(int off) { return off <= 1 ? 0 : 1 + off_shift(off / 2); }
+
+// The sums' start for chunk c of x's row r: OFF * (-sum(q)) per lane, or zero.
+template <int OFF>
+static inline __m512i sum_start(const Q8Act& x, int64_t r, int64_t c) {
+    static_assert((OFF & (OFF - 1)) == 0, "a weight offset is a power of two");
+    if (!OFF) return _mm512_setzero_si512();
+    return _mm512_slli_epi32(_mm512_loadu_si512(x.nls + r * (x.kp / 4) + c * 16), off_shift(OFF));
 }
 
 // x in lanes 0-7, y in lanes 8-15: one value per 32-value block of a chunk.
@@ -76,20 +88,20 @@ using DecodeFn = void (*)(const uint8_t*, int64_t, bool, __m512i*, __m512*, floa
 
 // The f16 scales at p0 and p1 as one vector: p0's in lanes 0-7, p1's in lanes 8-15.
 static inline __m512 pair_scales(const uint8_t* p0, const uint8_t* p1) {
-    uint16_t h0, h1;
+    int16_t h0, h1;
     std::memcpy(&h0, p0, 2);
     std::memcpy(&h1, p1, 2);
-    const __m128 d = _mm_cvtph_ps(_mm_cvtsi32_si128((int)((uint32_t)h0 | ((uint32_t)h1 << 16))));
-    const __m512i idx = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi32(1), 1);
-    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(d));
+    return _mm512_cvtph_ps(_mm256_mask_set1_epi16(_mm256_set1_epi16(h0), 0xFF00, h1));
 }
 
 // The 16 packed bytes at p0 and at p1 -> 64 values: p0's low nibbles, its high nibbles, then p1's.
 static inline __m512i nibbles64(const uint8_t* p0, const uint8_t* p1) {
-    const __m256i raw = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(p1), reinterpret_cast<const __m128i*>(p0));
-    const __m256i m = _mm256_set1_epi8(15);
-    const __m512i z = join(_mm256_and_si256(raw, m), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m));
-    return _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));  // (lo0, lo1, hi0, hi1) -> (lo0, hi0, lo1, hi1)
+    // (p0, p0, p1, p1) in 128-bit lanes, the odd lanes shifted right by 4
+    const __m512i raw = _mm512_mask_broadcast_i32x4(
+        _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0))), 0xFF00,
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(p1)));
+    const int64_t h = 0x0004000400040004;
+    return _mm512_and_si512(_mm512_srlv_epi16(raw, _mm512_set_epi64(h, h, 0, 0, h, h, 0, 0)), _mm512_set1_epi8(15));
 }
 
 // Q4_0 (QS = 2) and Q4_1 (QS = 4: its m is the b term).
@@ -245,16 +257,11 @@ static inline void q8_row(const uint8_t* row, const Q8Act& x, int64_t i0, float*
         F(row, c0, 2 * c0 + 1 < nb, u, a, bb + 2 * c0);
         for (int h = 0; h < CH; ++h) {
             const int64_t c = c0 + h;
-            __m512i s = u[h], init = _mm512_setzero_si512();
-            if (OFF) {  // signed weights; the sum starts from -128 * sum(s) for x stored as q + 128
-                s = _mm512_sub_epi8(u[h], _mm512_set1_epi8((char)OFF));
-                init = _mm512_sub_epi32(init, _mm512_dpbusd_epi32(init, _mm512_set1_epi8((char)0x80), s));
-            }
             for (int j = 0; j < NT; ++j) {
                 const int64_t r = i0 + j;
                 const __m512i q = _mm512_loadu_si512(x.q + r * x.kp + c * 64);
                 // sum((u - OFF) * q) per lane, exact
-                const __m512i dot = OFF ? _mm512_dpbusd_epi32(init, q, s) : _mm512_dpbusd_epi32(init, s, q);
+                const __m512i dot = _mm512_dpbusd_epi32(sum_start<OFF>(x, r, c), u[h], q);
                 const __m512 dx = _mm512_loadu_ps(x.dx + r * lanes + c * 16);
                 acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(a[h], dx), acc[j]);
             }
@@ -283,18 +290,10 @@ static inline void q8_row2(const uint8_t* w0, const uint8_t* w1, const Q8Act& x,
         F(w1, c0, 2 * c0 + 1 < nb, u1, a1, bb1 + 2 * c0);
         for (int h = 0; h < CH; ++h) {
             const int64_t c = c0 + h;
-            __m512i s0 = u0[h], s1 = u1[h], init0 = _mm512_setzero_si512(), init1 = _mm512_setzero_si512();
-            if (OFF) {
-                const __m512i off = _mm512_set1_epi8((char)OFF), hi = _mm512_set1_epi8((char)0x80);
-                s0 = _mm512_sub_epi8(u0[h], off);
-                s1 = _mm512_sub_epi8(u1[h], off);
-                init0 = _mm512_sub_epi32(init0, _mm512_dpbusd_epi32(init0, hi, s0));
-                init1 = _mm512_sub_epi32(init1, _mm512_dpbusd_epi32(init1, hi, s1));
-            }
-            const __m512i q = _mm512_loadu_si512(x.q + i * x.kp + c * 64);
+            const __m512i q = _mm512_loadu_si512(x.q + i * x.kp + c * 64), init = sum_start<OFF>(x, i, c);
             const __m512 dx = _mm512_loadu_ps(x.dx + i * lanes + c * 16);
-            const __m512i d0 = OFF ? _mm512_dpbusd_epi32(init0, q, s0) : _mm512_dpbusd_epi32(init0, s0, q);
-            const __m512i d1 = OFF ? _mm512_dpbusd_epi32(init1, q, s1) : _mm512_dpbusd_epi32(init1, s1, q);
+            const __m512i d0 = _mm512_dpbusd_epi32(init, u0[h], q);
+            const __m512i d1 = _mm512_dpbusd_epi32(init, u1[h], q);
             acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_mul_ps(a0[h], dx), acc0);
             acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_mul_ps(a1[h], dx), acc1);
         }
