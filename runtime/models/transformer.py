@@ -14,8 +14,8 @@ from runtime.config import ModelConfig
 from runtime.device_map import DeviceMap
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_cache import KVCache
-from runtime.layers.activation import gated
-from runtime.layers.attention import paged_attention
+from runtime.layers.activation import KINDS, gated
+from runtime.layers.attention import DecodePlan, decode_plan, paged_attention
 from runtime.layers.linear import (
     Embedding,
     Linear,
@@ -100,6 +100,7 @@ class Transformer:
             else linear(get(MODEL_TENSORS["output"], (c.vocab_size, c.hidden)))
         )
         self.layers = [self._layer(i, get) for i in range(c.n_layers)]
+        self.fused = [False] * c.n_layers  # set_decode_dtype: layers a decode step runs as one op
         # cos/sin are computed where the batch is (the input's device), then copied to the others
         self.rotary = Rotary(c.rope, self.devices.embed)
         self.rotary_local = Rotary(c.rope_local, self.devices.embed) if c.rope_local else self.rotary
@@ -163,8 +164,14 @@ class Transformer:
             x = x.to(dev)  # (T, hidden), across a -ngl boundary
             sliding = c.is_sliding(i)
             rot, cs = (self.rotary_local, cs_local) if sliding else (self.rotary, cs_global)
+            window = c.sliding_window if sliding else 0
+            if self.fused[i] and b.decode_rows == b.num_tokens and x.dtype == torch.float32:
+                plan = decode_plan(b, cache.block_size, window)
+                if plan is not None and plan.every_row:
+                    x = self._decode_layer(i, layer, x, b, cache, rot, cs, plan)
+                    continue
             h = rms_norm(x, layer.attn_norm, c.norm_eps)
-            h = self.reduce(self._attention(i, layer, h, b, cache, rot, cs, c.sliding_window if sliding else 0))
+            h = self.reduce(self._attention(i, layer, h, b, cache, rot, cs, window))
             if layer.post_attn_norm is not None:
                 h = rms_norm(h, layer.post_attn_norm, c.norm_eps)
             x = x + h
@@ -193,6 +200,17 @@ class Transformer:
             decode_dtype = "int8" if quant_cpu and projs and ops.int8_dot() else "float32"
         for p in projs:
             p.decode_int8 = decode_dtype == "int8"
+        # Layers a decode-only step runs as one op (ops.decode_layer): int8 products of
+        # weights in blocks on the CPU, no biases, not sharded (nothing to reduce).
+        self.fused = [
+            self.reduce is _identity
+            and all(
+                isinstance(p, QuantLinear) and p.decode_int8 and p.bias is None and not p.bf16_products
+                and p.weight.data.device.type == "cpu"
+                for p in (lay.q, lay.k, lay.v, lay.o, lay.gate, lay.up, lay.down)
+            )
+            for lay in self.layers
+        ]
         return decode_dtype
 
     @torch.inference_mode()
@@ -246,6 +264,30 @@ class Transformer:
         k = rot.apply(k, *cos_sin)
         o = paged_attention(q, k, v, cache, i, batch, c.scale, window, c.attn_softcap)
         return layer.o(o.reshape(t, c.n_heads * c.v_head_dim), n8)
+
+
+    def _decode_layer(
+        self,
+        i: int,
+        layer: Layer,
+        x: torch.Tensor,
+        batch: ForwardBatch,
+        cache: KVCache,
+        rot: Rotary,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        plan: DecodePlan,
+    ) -> torch.Tensor:
+        """The layer loop's body for a step of decode rows only, as one op: the same numbers."""
+        c = self.cfg
+        projs = (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)
+        ws = [p.weight for p in projs if isinstance(p, QuantLinear)]  # all seven: see set_decode_dtype
+        norms = [layer.attn_norm, layer.q_norm, layer.k_norm, layer.post_attn_norm, layer.ffn_norm, layer.post_ffn_norm]
+        return ops.decode_layer(
+            x, norms, [w.data for w in ws], [w.qtype for w in ws], *cos_sin, cache.k[i], cache.v[i],
+            batch.slot_mapping, plan.blocks, plan.lo, plan.hi,
+            [c.n_heads, c.n_kv_heads, c.head_dim, c.v_head_dim], [c.norm_eps, c.scale, c.attn_softcap],
+            rot.cfg.neox, KINDS[c.activation],
+        )  # fmt: skip
 
 
 def dense(w: Weight) -> torch.Tensor:

@@ -20,9 +20,9 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (
     "quant_cpu.cpp", "quant_types.h", "quant_kernels.h", "quant_fused_avx512.h", "quant_bf16.h", "quant_q8.h",
-    "quant_gemm.h", "q8_ops.h", "kernel_choice.h", "work_pool.h", "fused_cpu.cpp",
+    "quant_gemm.h", "q8_ops.h", "kernel_choice.h", "work_pool.h", "fused_cpu.cpp", "cpu_ops.h", "decode_layer.cpp",
 )  # fmt: skip
-COMPILED = ("quant_cpu.cpp", "fused_cpu.cpp")  # translation units; the .h files are included
+COMPILED = ("quant_cpu.cpp", "fused_cpu.cpp", "decode_layer.cpp")  # translation units; the .h files are included
 # -ffp-contract=off: no fused multiply-adds in dequantization, so blocks match the torch
 # reference bit for bit; -fopenmp-simd: `omp simd` vectorization hints only (threads are
 # work_pool.h's, not an OpenMP runtime's).

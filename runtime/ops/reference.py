@@ -128,3 +128,50 @@ def apply_bitmask_(logits: torch.Tensor, mask: torch.Tensor) -> None:
     n, vocab = logits.shape
     bits = (mask.to(logits.device).view(torch.uint8).reshape(n, -1).int().unsqueeze(-1) >> torch.arange(8, device=logits.device)) & 1
     logits.masked_fill_(bits.reshape(n, -1)[:, :vocab] == 0, float("-inf"))
+
+
+def decode_layer(
+    x: torch.Tensor,
+    norms: list[torch.Tensor | None],
+    ws: list[torch.Tensor],
+    qtypes: list[int],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    blocks: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    heads: list[int],
+    params: list[float],
+    neox: bool,
+    gelu: bool,
+) -> torch.Tensor:
+    """One transformer layer for decode rows x (B, hidden) -> (B, hidden), int8 products.
+
+    norms: attention, q, k, post-attention, ffn, post-ffn (None where absent); ws/qtypes:
+    q, k, v, o, gate, up, down; heads: (n_heads, n_kv_heads, head_dim, v_head_dim); params:
+    (eps, attention scale, softcap). This step's keys and values go to `slots` of the caches
+    first; then each row attends as paged_decode's blocks/lo/hi say.
+    """
+    attn_norm, q_norm, k_norm, post_attn, ffn_norm, post_ffn = norms
+    assert attn_norm is not None and ffn_norm is not None
+    nh, nkv, hd, vd = heads
+    eps, scale, softcap = params
+    t, hidden = x.shape
+    h = rms_norm(x, attn_norm, eps)
+    q, k, v = (qmatmul_q8(h, w, qt, hidden) for w, qt in zip(ws[:3], qtypes[:3]))
+    q, k, v = q.view(t, nh, hd), k.view(t, nkv, hd), v.view(t, nkv, vd)
+    if q_norm is not None and k_norm is not None:
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    q, k = rope(q, cos, sin, neox), rope(k, cos, sin, neox)
+    k_cache.view(-1, nkv, hd).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, nkv, vd).index_copy_(0, slots, v.to(v_cache.dtype))
+    o = paged_decode(q, k_cache, v_cache, blocks, lo, hi, scale, softcap).reshape(t, nh * vd)
+    h = qmatmul_q8(o, ws[3], qtypes[3], nh * vd)
+    x = x + (h if post_attn is None else rms_norm(h, post_attn, eps))
+    h = rms_norm(x, ffn_norm, eps)
+    a = gated(qmatmul_q8(h, ws[4], qtypes[4], hidden), qmatmul_q8(h, ws[5], qtypes[5], hidden), gelu)
+    h = qmatmul_q8(a, ws[6], qtypes[6], a.shape[1])
+    return x + (h if post_ffn is None else rms_norm(h, post_ffn, eps))

@@ -44,6 +44,13 @@ LIB.define(
     "float scale, float softcap) -> Tensor"
 )
 LIB.impl("paged_decode", reference.paged_decode, "CompositeExplicitAutograd")
+# A whole layer of a decode step (csrc/decode_layer.cpp: the ops above without a dispatch each).
+LIB.define(
+    "decode_layer(Tensor x, Tensor?[] norms, Tensor[] ws, int[] qtypes, Tensor cos, Tensor sin, "
+    "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor blocks, Tensor lo, Tensor hi, "
+    "int[] heads, float[] params, bool neox, bool gelu) -> Tensor"
+)
+LIB.impl("decode_layer", reference.decode_layer, "CompositeExplicitAutograd")
 # Constrained decoding's token bitmask (runtime/grammar_matcher.py), applied in place.
 LIB.define("apply_bitmask_(Tensor(a!) logits, Tensor mask) -> ()")
 LIB.impl("apply_bitmask_", reference.apply_bitmask_, "CompositeExplicitAutograd")
@@ -127,3 +134,8 @@ def _paged_decode_fake(
     softcap: float,
 ) -> torch.Tensor:
     return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[-1]))
+
+
+@torch.library.register_fake("gguf_serve::decode_layer")
+def _decode_layer_fake(x: torch.Tensor, *args: object) -> torch.Tensor:
+    return torch.empty_like(x)

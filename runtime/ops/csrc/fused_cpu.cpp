@@ -13,9 +13,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_ops.h"
 #include "work_pool.h"
 
-namespace {
+namespace fused {
 
 // x (..., d) * rsqrt(mean(x^2) + eps) * w (d,), in float32; returns x's dtype.
 torch::Tensor rms_norm(const torch::Tensor& x_in, const torch::Tensor& w_in, double eps) {
@@ -347,13 +348,13 @@ void apply_bitmask_(const torch::Tensor& logits, const torch::Tensor& mask_in) {
     });
 }
 
-}  // namespace
+}  // namespace fused
 
 // Schemas in runtime/ops/schema.py, references in runtime/ops/reference.py.
 TORCH_LIBRARY_IMPL(gguf_serve, CPU, m) {
-    m.impl("rms_norm", &rms_norm);
-    m.impl("rope", &rope);
-    m.impl("paged_decode", &paged_decode);
-    m.impl("gated", &gated);
-    m.impl("apply_bitmask_", &apply_bitmask_);
+    m.impl("rms_norm", &fused::rms_norm);
+    m.impl("rope", &fused::rope);
+    m.impl("paged_decode", &fused::paged_decode);
+    m.impl("gated", &fused::gated);
+    m.impl("apply_bitmask_", &fused::apply_bitmask_);
 }

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_ops.h"
 #include "quant_types.h"
 #include "work_pool.h"
 
