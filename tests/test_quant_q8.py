@@ -52,6 +52,13 @@ def _check_qmatmul_q8(qt: T, k: int) -> None:
             load().allow_int8_dot(True)
 
 
+@pytest.mark.parametrize("qt", [T.Q8_0, T.Q6_K], ids=lambda q: q.name)
+def test_qmatmul_q8_wide_rows_in_panels(qt, isa):
+    """Rows of 4-8 KB: W is taken in panels of a few rows (each against every group of 4
+    rows of x), which must not change any row's result."""
+    _check_qmatmul_q8(qt, 4096)
+
+
 def test_quantize_q8_is_per_block_int8():
     x = torch.randn(3, 80) * torch.tensor([1e-3, 1.0, 50.0]).repeat_interleave(80).view(3, 80)
     x[1, 32:64] = 0  # a block of zeros stays zeros

@@ -322,15 +322,23 @@ static void q8_rows(const uint8_t* w, int64_t row_bytes, const Q8Act& x, float* 
         if (r < r1) q8_row<OFF, MIN, CH, F, 1>(w + r * row_bytes, x, 0, y + r, n, k, bb);
         return;
     }
-    for (int64_t r = r0; r < r1; ++r) {
-        const uint8_t* row = w + r * row_bytes;
+    // Panels of W rows (~64 KB, so they stay in L2), each against every group of 4 rows of x
+    // in turn: a group's x stays in L1 or L2 across the panel, and W is read from memory once.
+    // Per row the same q8_row calls as row by row, so the same bits.
+    const int64_t panel = std::max<int64_t>(1, std::min<int64_t>(64, 65536 / row_bytes));
+    for (int64_t p0 = r0; p0 < r1; p0 += panel) {
+        const int64_t p1 = std::min(r1, p0 + panel);
         int64_t i = 0;
-        for (; i + 4 <= t; i += 4) q8_row<OFF, MIN, CH, F, 4>(row, x, i, y + i * n + r, n, k, bb);
-        switch (t - i) {
-            case 3: q8_row<OFF, MIN, CH, F, 3>(row, x, i, y + i * n + r, n, k, bb); break;
-            case 2: q8_row<OFF, MIN, CH, F, 2>(row, x, i, y + i * n + r, n, k, bb); break;
-            case 1: q8_row<OFF, MIN, CH, F, 1>(row, x, i, y + i * n + r, n, k, bb); break;
-            default: break;
+        for (; i + 4 <= t; i += 4)
+            for (int64_t r = p0; r < p1; ++r) q8_row<OFF, MIN, CH, F, 4>(w + r * row_bytes, x, i, y + i * n + r, n, k, bb);
+        for (int64_t r = p0; r < p1; ++r) {
+            const uint8_t* row = w + r * row_bytes;
+            switch (t - i) {
+                case 3: q8_row<OFF, MIN, CH, F, 3>(row, x, i, y + i * n + r, n, k, bb); break;
+                case 2: q8_row<OFF, MIN, CH, F, 2>(row, x, i, y + i * n + r, n, k, bb); break;
+                case 1: q8_row<OFF, MIN, CH, F, 1>(row, x, i, y + i * n + r, n, k, bb); break;
+                default: break;
+            }
         }
     }
 }
