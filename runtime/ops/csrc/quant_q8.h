@@ -308,18 +308,22 @@ static inline void q8_row2(const uint8_t* w0, const uint8_t* w1, const Q8Act& x,
 }
 
 // bb: room for 2 * ceil(k / 32) + 2 floats. PAIR: a single row of x takes W's rows in pairs
-// (q8_row2; measured faster for Q5_0 and Q5_1 only: 83 -> 70 us for 2048 x 640 on one
-// thread, while Q4_0 gained nothing and Q8_0 at 4096 x 4096 ran 2.5x slower).
+// (q8_row2), one from each half of the range: Q5_0 2048 x 640 83 -> 70 us on one thread;
+// Q4_0 14336 x 4096 2.6-3.1 -> 1.9-2.8 ms. Pairs of adjacent rows ran Q4_0 and Q8_0 2-2.5x
+// slower than single rows (each stream then skips a row after every row: no prefetch).
+// Q4_K and Q6_K in pairs ran 1.3-1.5x faster on one thread but no faster on two: not taken.
 template <int OFF, bool MIN, int CH, DecodeFn F, bool PAIR>
 static void q8_rows(const uint8_t* w, int64_t row_bytes, const Q8Act& x, float* y, int64_t t, int64_t n,
                     int64_t k, int64_t r0, int64_t r1, float* bb) {
     if (PAIR && t == 1) {
         const int64_t room = ((k + 31) / 32 + 1) / 2 * 2;  // a decoder writes 2 b's per chunk, a half one too
-        int64_t r = r0;
-        for (; r + 2 <= r1; r += 2)
-            q8_row2<OFF, MIN, CH, F>(w + r * row_bytes, w + (r + 1) * row_bytes, x, 0, y + r, y + r + 1, k, bb,
-                                     bb + room);
-        if (r < r1) q8_row<OFF, MIN, CH, F, 1>(w + r * row_bytes, x, 0, y + r, n, k, bb);
+        // row i of the first half with row i of the second: two sequential streams of W for the
+        // prefetchers (adjacent rows in pairs make each stream jump a row after every row)
+        const int64_t half = (r1 - r0) / 2, m = r0 + half;
+        for (int64_t i = 0; i < half; ++i)
+            q8_row2<OFF, MIN, CH, F>(w + (r0 + i) * row_bytes, w + (m + i) * row_bytes, x, 0, y + r0 + i, y + m + i,
+                                     k, bb, bb + room);
+        if ((r1 - r0) % 2) q8_row<OFF, MIN, CH, F, 1>(w + (r1 - 1) * row_bytes, x, 0, y + r1 - 1, n, k, bb);
         return;
     }
     // Panels of W rows (~64 KB, so they stay in L2), each against every group of 4 rows of x
@@ -346,11 +350,11 @@ static void q8_rows(const uint8_t* w, int64_t row_bytes, const Q8Act& x, float* 
 // (GGML type id, weight offset OFF, has a b term, chunks per decode, decoder, W rows in pairs
 // for one row of x) of every type with an int8 kernel.
 #define Q8_TYPES(X)                                  \
-    X(QT_Q4_0, 8, false, 1, (c_q4_x<18, 2>), false)  \
+    X(QT_Q4_0, 8, false, 1, (c_q4_x<18, 2>), true)   \
     X(QT_Q4_1, 0, true, 1, (c_q4_x<20, 4>), false)   \
     X(QT_Q5_0, 16, false, 1, (c_q5_x<22, 2>), true)  \
     X(QT_Q5_1, 0, true, 1, (c_q5_x<24, 4>), true)    \
-    X(QT_Q8_0, 128, false, 1, c_q8_0, false)         \
+    X(QT_Q8_0, 128, false, 1, c_q8_0, true)          \
     X(QT_IQ4_NL, 128, false, 1, c_iq4_nl, false)     \
     X(QT_Q4_K, 0, true, 4, c_q4_k, false)            \
     X(QT_Q5_K, 0, true, 4, c_q5_k, false)            \
