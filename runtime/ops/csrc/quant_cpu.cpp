@@ -213,15 +213,18 @@ torch::Tensor qgemm_bf16(const torch::Tensor& x_in, const torch::Tensor& w, int6
         const auto deq = kernels().dequant;
         std::atomic<bool> ok{true};
         parallel_rows((n + nr - 1) / nr, t * k * nr, [&](int64_t a, int64_t b) {
-            thread_local std::vector<float> f;  // a panel's rows, float32 (nr, k)
+            const int64_t ks = k_gemm::panel_stride(k);
+            thread_local std::vector<float> f;  // a panel's rows, float32 (nr, ks)
             thread_local std::vector<uint32_t> p;  // the same as bfloat16 pairs
-            f.resize((size_t)(nr * k));
+            f.resize((size_t)(nr * ks));
             p.resize((size_t)(k / 2 * nr));
             for (int64_t c = a; c < b; ++c) {
                 const int64_t c0 = c * nr;
                 const int live = (int)std::min(nr, n - c0);
-                if (!deq((int)qtype, wp + c0 * row_bytes, row_bytes, f.data(), k, 0, live)) return (void)(ok = false);
-                k_gemm::pack(f.data(), live, k, p.data());
+                for (int r = 0; r < live; ++r)
+                    if (!deq((int)qtype, wp + (c0 + r) * row_bytes, row_bytes, f.data() + r * ks, k, 0, 1))
+                        return (void)(ok = false);
+                k_gemm::pack(f.data(), ks, live, k, p.data());
                 k_gemm::panel(xp, t, k, p.data(), yp + c0, n, live);
             }
         });
