@@ -9,6 +9,7 @@ from runtime import ops
 from runtime.config import ModelConfig, RopeConfig
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_cache import KVCache
+from runtime.layers import attention
 from runtime.layers.attention import paged_attention
 from runtime.ops import reference
 
@@ -65,4 +66,34 @@ def test_paged_matches_dense_over_two_steps(window, softcap, impl):
             kk, vv, qq = full[i]
             end = s.n_ctx
             ref = dense(qq[sl[i]], kk[:end], vv[:end], torch.arange(end - s.n_new, end), window, softcap, 0.3)
+            torch.testing.assert_close(out[s.start : s.start + s.n_new], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (3, 50.0)])
+@pytest.mark.parametrize("query_block", [4, 128])
+def test_prompt_chunks_in_query_blocks_match_dense(window, softcap, query_block, monkeypatch):
+    """Prompts prefilled in two chunks (the second attends to the first's cached keys), the
+    CPU's prompt attention taking `query_block` queries at a time over only the keys they see."""
+    monkeypatch.setattr(attention, "QUERY_BLOCK", query_block)
+    torch.manual_seed(1)
+    H, KVH, D, bs = 6, 2, 8, 4
+    cfg = ModelConfig(
+        arch="t", n_layers=1, hidden=48, n_heads=H, n_kv_heads=KVH, head_dim=D, v_head_dim=D,
+        ffn=8, vocab_size=10, norm_eps=1e-6, context_length=64, rope=RopeConfig(1e4, D, True),
+    )  # fmt: skip
+    cache = KVCache(cfg, num_blocks=24, block_size=bs, dtype=torch.float32)
+    lens, first = [17, 10], [9, 10]  # the second prompt in one chunk, the first in two
+    tables = [[5, 1, 7, 11, 20], [9, 2, 14]]
+    full = {i: (torch.randn(n, KVH, D), torch.randn(n, KVH, D), torch.randn(n, H, D)) for i, n in enumerate(lens)}
+    for chunk in (0, 1):
+        spans = [(0, f) if chunk == 0 else (f, n) for n, f in zip(lens, first)]
+        live = [i for i, (a, b) in enumerate(spans) if b > a]
+        b = ForwardBatch.build([list(range(*spans[i])) for i in live], [spans[i][0] for i in live],
+                               [tables[i] for i in live], bs)  # fmt: skip
+        q, k, v = (torch.cat([full[i][j][slice(*spans[i])] for i in live]) for j in (2, 0, 1))
+        out = paged_attention(q, k, v, cache, 0, b, 0.3, window, softcap)
+        for s, i in zip(b.seqs, live):
+            kk, vv, qq = full[i]
+            lo, hi = spans[i]
+            ref = dense(qq[lo:hi], kk[:hi], vv[:hi], torch.arange(lo, hi), window, softcap, 0.3)
             torch.testing.assert_close(out[s.start : s.start + s.n_new], ref, rtol=1e-5, atol=1e-5)
