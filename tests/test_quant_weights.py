@@ -57,15 +57,17 @@ def test_quant_equals_dense_on_tiny_models(tmp_path, qtype):
 def test_bfloat16_head_same_for_quant_and_dense(tmp_path, qtype):
     """--head-dtype bfloat16 means the same product for blocks (qmatmul_bf16) and dense weights."""
     path = write_tiny_gguf(tmp_path / f"{qtype}.gguf", "llama", qtype)
-    quant = _decode_logits(path, "quant", "bfloat16")
-    dense = _decode_logits(path, "dense", "bfloat16")
-    exact = _decode_logits(path, "dense", "float32")
+    runs = (("quant", "bfloat16"), ("dense", "bfloat16"), ("dense", "float32"))
+    models = [Engine(EngineConfig(model_path=str(path), n_ctx=64, weights=w, head_dtype=h)).runner.model for w, h in runs]
+    # The same hidden states into each head: the final-norm rows of a few decode steps. (Through
+    # whole runs the layers' float32 differences would move a hidden value across a bfloat16
+    # rounding boundary now and then, and that row's logits by one bfloat16 step of it.)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, models[0].cfg.hidden, generator=g)
+    quant, dense, exact = (m.logits(x) for m in models)
     scale = dense.abs().max()
-    # float32 differences upstream can move a hidden value across a bfloat16 rounding
-    # boundary: a few elements then differ by one bfloat16 step (2**-8 relative)
-    # (measured: max 1e-5, mean 2e-7; the rounding itself moves logits by 5e-4 on average)
-    assert ((quant - dense).abs().max() / scale).item() < 1e-4
-    assert ((quant - dense).abs().mean() / scale).item() < 2e-6
+    # only the order of the float32 sums differs (measured 1.6-2.6e-7 of the largest logit)
+    assert ((quant - dense).abs().max() / scale).item() < 1e-5
     assert ((dense - exact).abs().mean() / scale).item() > 1e-4  # the rounding is there
 
 
