@@ -265,7 +265,6 @@ class Transformer:
         o = paged_attention(q, k, v, cache, i, batch, c.scale, window, c.attn_softcap)
         return layer.o(o.reshape(t, c.n_heads * c.v_head_dim), n8)
 
-
     def _decode_layer(
         self,
         i: int,

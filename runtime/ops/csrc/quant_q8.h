@@ -140,7 +140,7 @@ static inline void c_q5_x(const uint8_t* row, int64_t c, bool two, __m512i* u, _
 
 static inline void c_q8_0(const uint8_t* row, int64_t c, bool two, __m512i* u, __m512* a, float*) {
     const uint8_t* b0 = row + 2 * c * 34;
-    const __m256i flip = _mm256_set1_epi8((char)0x80);  // int8 q -> unsigned q + 128
+    const __m256i flip = _mm256_set1_epi8((char)0x80);  // int8 weights w -> unsigned w + 128 (OFF)
     const __m256i lo = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2)), flip);
     const __m256i hi =
         two ? _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 36)), flip)
