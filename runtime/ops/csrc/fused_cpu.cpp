@@ -137,44 +137,60 @@ static void gated_avx512(const float* g, const float* u, float* y, int64_t n, bo
         _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(a, _mm512_maskz_loadu_ps(m, u + i)));
     }
 }
-// decode_head's float32 cache case for d, dv multiples of 16: the same quantity, 16 lanes at
-// a time (sums in another order); exp through exp512 (~1 ulp).
-static void decode_head_avx512(const float* q, const float* kc, const float* vc, const int64_t* blocks, int64_t bs,
-                               int64_t kvh, int64_t kv, int64_t d, int64_t dv, int64_t lo, int64_t hi, float scale,
-                               float softcap, float* out, std::vector<float>& s) {
-    const int64_t n = hi - lo;
-    s.resize((size_t)(n + 16));
-    float m = -std::numeric_limits<float>::infinity();
+// decode_head's float32 cache case for d, dv multiples of 16, for G query heads of one KV
+// head at once (q: G rows of d, out: G rows of dv): each key and value row is read once for
+// the G heads (from L1 after the first), and each head's sums run in the same order as
+// alone, so a head's result does not depend on G. Sums in another order than decode_head's;
+// exp through exp512 (~1 ulp).
+static void decode_heads_avx512(const float* q, int64_t G, const float* kc, const float* vc, const int64_t* blocks,
+                                int64_t bs, int64_t kvh, int64_t kv, int64_t d, int64_t dv, int64_t lo, int64_t hi,
+                                float scale, float softcap, float* out, std::vector<float>& s) {
+    const int64_t n = hi - lo, sn = n + 16;  // s: G rows of sn scores
+    s.resize((size_t)(G * sn));
+    float m[64];
+    for (int64_t g = 0; g < G; ++g) m[g] = -std::numeric_limits<float>::infinity();
     for (int64_t j = lo; j < hi; ++j) {
         const float* kr = kc + ((blocks[j / bs] * bs + j % bs) * kvh + kv) * d;
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        int64_t i = 0;
-        for (; i + 32 <= d; i += 32) {
-            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(kr + i), a0);
-            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i + 16), _mm512_loadu_ps(kr + i + 16), a1);
+        for (int64_t g = 0; g < G; ++g) {
+            const float* qg = q + g * d;
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+            int64_t i = 0;
+            for (; i + 32 <= d; i += 32) {
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + i), _mm512_loadu_ps(kr + i), a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + i + 16), _mm512_loadu_ps(kr + i + 16), a1);
+            }
+            if (i < d) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + i), _mm512_loadu_ps(kr + i), a0);
+            float x = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
+            if (softcap > 0.f) x = softcap * std::tanh(x / softcap);
+            s[(size_t)(g * sn + j - lo)] = x;
+            m[g] = std::max(m[g], x);
         }
-        if (i < d) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(kr + i), a0);
-        float x = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
-        if (softcap > 0.f) x = softcap * std::tanh(x / softcap);
-        s[(size_t)(j - lo)] = x;
-        m = std::max(m, x);
     }
-    __m512 tot = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j += 16) {  // exp(s - m), the lanes past n left out of the sum
-        const __mmask16 mk = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
-        const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s.data() + j), _mm512_set1_ps(m)));
-        _mm512_mask_storeu_ps(s.data() + j, mk, e);
-        tot = _mm512_add_ps(tot, _mm512_maskz_mov_ps(mk, e));
+    float inv[64];
+    for (int64_t g = 0; g < G; ++g) {
+        float* sg = s.data() + g * sn;
+        __m512 tot = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; j += 16) {  // exp(s - m), the lanes past n left out of the sum
+            const __mmask16 mk = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+            const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sg + j), _mm512_set1_ps(m[g])));
+            _mm512_mask_storeu_ps(sg + j, mk, e);
+            tot = _mm512_add_ps(tot, _mm512_maskz_mov_ps(mk, e));
+        }
+        inv[g] = 1.f / _mm512_reduce_add_ps(tot);
+        for (int64_t i = 0; i < dv; i += 16) _mm512_storeu_ps(out + g * dv + i, _mm512_setzero_ps());
     }
-    const float inv = 1.f / _mm512_reduce_add_ps(tot);
-    for (int64_t i = 0; i < dv; i += 16) _mm512_storeu_ps(out + i, _mm512_setzero_ps());
     for (int64_t j = lo; j < hi; ++j) {
         const float* vr = vc + ((blocks[j / bs] * bs + j % bs) * kvh + kv) * dv;
-        const __m512 p = _mm512_set1_ps(s[(size_t)(j - lo)]);
-        for (int64_t i = 0; i < dv; i += 16)
-            _mm512_storeu_ps(out + i, _mm512_fmadd_ps(p, _mm512_loadu_ps(vr + i), _mm512_loadu_ps(out + i)));
+        for (int64_t g = 0; g < G; ++g) {
+            const __m512 p = _mm512_set1_ps(s[(size_t)(g * sn + j - lo)]);
+            float* og = out + g * dv;
+            for (int64_t i = 0; i < dv; i += 16)
+                _mm512_storeu_ps(og + i, _mm512_fmadd_ps(p, _mm512_loadu_ps(vr + i), _mm512_loadu_ps(og + i)));
+        }
     }
-    for (int64_t i = 0; i < dv; i += 16) _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_loadu_ps(out + i), _mm512_set1_ps(inv)));
+    for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < dv; i += 16)
+            _mm512_storeu_ps(out + g * dv + i, _mm512_mul_ps(_mm512_loadu_ps(out + g * dv + i), _mm512_set1_ps(inv[g])));
 }
 #pragma GCC pop_options
 #endif
@@ -289,25 +305,32 @@ torch::Tensor paged_decode(const torch::Tensor& q_in, const torch::Tensor& k_cac
     float* op = out.data_ptr<float>();
     const int64_t group = h_n / kvh;
     const float fs = (float)scale, fc = (float)softcap;
-    const bool fast = cpu_avx512() && d % 16 == 0 && dv % 16 == 0;  // decode_head_avx512 (float32 caches)
+    const bool fast = cpu_avx512() && d % 16 == 0 && dv % 16 == 0;  // decode_heads_avx512 (float32 caches)
+    // Units of work: (sequence, KV head, a share of its query heads), the shares as large as
+    // leave every thread a unit: on the fast path a unit reads its keys and values once.
+    int64_t share = group;
+    while (share > 1 && share % 2 == 0 && b_n * kvh * (group / share) < kernel_threads()) share /= 2;
+    share = std::min<int64_t>(share, 64);
+    while (group % share) --share;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kc.scalar_type(), "paged_decode", [&] {
         const scalar_t* kp = kc.data_ptr<scalar_t>();
         const scalar_t* vp = vc.data_ptr<scalar_t>();
-        // (sequence, head) pairs, (hi - lo) * (d + dv) multiply-adds each
-        parallel_rows(b_n * h_n, keys * (d + dv), [&](int64_t r0, int64_t r1) {
+        // units of `share` heads, (hi - lo) * (d + dv) multiply-adds per head
+        parallel_rows(b_n * h_n / share, share * keys * (d + dv), [&](int64_t u0, int64_t u1) {
             std::vector<float> s;
-            for (int64_t r = r0; r < r1; ++r) {
-                const int64_t i = r / h_n, h = r % h_n;
+            for (int64_t u = u0; u < u1; ++u) {
+                const int64_t r = u * share, i = r / h_n, h = r % h_n;  // the unit's first (sequence, head)
 #if defined(__x86_64__) && defined(__GNUC__)
                 if (std::is_same_v<scalar_t, float> && fast) {  // the casts change nothing then
-                    decode_head_avx512(qp + r * d, reinterpret_cast<const float*>(kp),
-                                       reinterpret_cast<const float*>(vp), bp + i * w, bs, kvh, h / group, d, dv,
-                                       lp[i], hp[i], fs, fc, op + r * dv, s);
+                    decode_heads_avx512(qp + r * d, share, reinterpret_cast<const float*>(kp),
+                                        reinterpret_cast<const float*>(vp), bp + i * w, bs, kvh, h / group, d, dv,
+                                        lp[i], hp[i], fs, fc, op + r * dv, s);
                     continue;
                 }
 #endif
-                decode_head<scalar_t>(qp + r * d, kp, vp, bp + i * w, bs, kvh, h / group, d, dv, lp[i], hp[i], fs,
-                                      fc, op + r * dv, s);
+                for (int64_t g = 0; g < share; ++g)
+                    decode_head<scalar_t>(qp + (r + g) * d, kp, vp, bp + i * w, bs, kvh, (h + g) / group, d, dv,
+                                          lp[i], hp[i], fs, fc, op + (r + g) * dv, s);
             }
         });
     });
