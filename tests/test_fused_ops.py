@@ -142,6 +142,21 @@ def test_paged_decode_row_does_not_depend_on_the_batch():
         assert torch.equal(alone[0], together[i])
 
 
+def test_paged_decode_same_whatever_the_threads():
+    """The query heads of a KV head are taken in shares that depend on the thread count (so
+    each thread has work); each head's result must not."""
+    q, kc, vc, blocks, lo, hi = paged_case(b=1, h=8, kvh=1)
+    outs = []
+    try:
+        for threads in (1, 2, 4, 8):
+            ops.set_num_threads(threads)
+            outs.append(ops.paged_decode(q, kc, vc, blocks, lo, hi, 0.125))
+    finally:
+        ops.set_num_threads(0)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    torch.testing.assert_close(outs[0], reference.paged_decode(q, kc, vc, blocks, lo, hi, 0.125, 0.0), rtol=1e-5, atol=1e-6)
+
+
 def test_paged_decode_opcheck_and_bad_input():
     q, kc, vc, blocks, lo, hi = paged_case(b=2)
     torch.library.opcheck(torch.ops.gguf_serve.paged_decode, (q, kc, vc, blocks, lo, hi, 0.125, 0.0))
