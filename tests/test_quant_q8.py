@@ -99,7 +99,7 @@ def test_schema_and_bad_input(kernels):
 
 
 def test_decode_rows_come_first():
-    """Sequences flagged q8 are laid out first; seqs, logits rows and slots keep their meaning."""
+    """Sequences flagged as decode rows are laid out first; seqs, logits rows and slots keep their meaning."""
     plain = ForwardBatch.build([[5, 6, 7], [8], [9, 10], [11]], [0, 40, 3, 9], [[2], [4, 5, 6], [7], [1]], 16)
     b = ForwardBatch.build(
         [[5, 6, 7], [8], [9, 10], [11]], [0, 40, 3, 9], [[2], [4, 5, 6], [7], [1]], 16, decode=[False, True, False, True]

@@ -43,6 +43,9 @@ def paged_attention(
         lo = max(0, first_q - sliding_window + 1) if sliding_window else 0
         ks, vs = cache.gather(layer, batch.block_tables[b], lo, s.n_ctx)  # (S, KVH, D)
         qs = q[s.start : s.start + s.n_new]  # (n, H, D)
+        if q.device.type == "cpu":  # query i is key first_q - lo + i of ks
+            out[s.start : s.start + s.n_new] = _attend_blocks(qs, ks, vs, first_q - lo, sliding_window, scale, softcap)
+            continue
         mask = None  # a whole prompt in one chunk, every key in its window: plain causal
         if first_q > 0 or 0 < sliding_window < s.n_new:
             q_idx = torch.arange(first_q, s.n_ctx, device=q.device)[:, None]
@@ -124,8 +127,6 @@ def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, softcap: float
 ) -> torch.Tensor:
     """q (n, H, D), k/v (S, KVH, D), mask (n, S) bool or None for causal with S == n -> (n, H, Dv)."""
-    if q.device.type == "cpu":
-        return _attend_blocks(q, k, v, mask, scale, softcap)
     qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
     if not softcap:
         # 4-D (1, H, n, D) takes the fused kernels; is_causal skips the blocks above the diagonal
@@ -146,11 +147,14 @@ def _attend(
 
 
 def _attend_blocks(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, softcap: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, window: int, scale: float, softcap: float
 ) -> torch.Tensor:
-    """_attend on the CPU, float32, QUERY_BLOCK queries at a time over only the keys they see:
-    a 512-token causal prompt of Gemma 3 (4 heads of 256 on one KV head) 6.6-7.5 -> 5.7 ms
-    a layer against torch's flash kernel, which computes every block of an explicit mask."""
+    """Prompt attention on the CPU in float32: q (n, H, D), k/v (S, KVH, D), query i being key
+    offset + i; it sees keys up to its own, and within `window` of it when set -> (n, H, Dv).
+
+    QUERY_BLOCK queries at a time over only the keys they see: a 512-token causal prompt of
+    Gemma 3 (4 heads of 256 on one KV head) 6.6-7.5 -> 5.7 ms a layer against torch's flash
+    kernel, which computes every block of an explicit mask (chunks after the first, windows)."""
     n, h, d = q.shape
     kvh, dv = k.shape[1], v.shape[2]
     g = h // kvh
@@ -160,13 +164,13 @@ def _attend_blocks(
     for b0 in range(0, n, QUERY_BLOCK):
         b1 = min(n, b0 + QUERY_BLOCK)
         m = b1 - b0
-        if mask is None:  # causal over the chunk itself: keys [0, b1)
-            lo, hi = 0, b1
-            seen = torch.ones(m, b1, dtype=torch.bool).tril(b0)
-        else:
-            cols = mask[b0:b1].any(0).nonzero()
-            lo, hi = int(cols[0]), int(cols[-1]) + 1  # every query sees at least its own key
-            seen = mask[b0:b1, lo:hi]
+        # keys [lo, hi): from the first query's window start to the last query's own key
+        lo, hi = (max(0, offset + b0 - window + 1) if window else 0), offset + b1
+        q_idx = torch.arange(offset + b0, offset + b1)[:, None]
+        k_idx = torch.arange(lo, hi)[None, :]
+        seen = k_idx <= q_idx  # (m, keys)
+        if window:
+            seen &= k_idx > q_idx - window
         # the g query heads of each KV head as one (g * m, D) matrix: one product per KV head
         qb = q[b0:b1].float().reshape(m, kvh, g, d).permute(1, 2, 0, 3).reshape(kvh, g * m, d)
         s = torch.bmm(qb, kt[:, :, lo:hi]) * scale  # (KVH, g * m, keys)

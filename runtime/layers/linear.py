@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -100,15 +101,19 @@ class QuantLinear:
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+def int8_on_cpu(p: Linear | QuantLinear) -> TypeGuard[QuantLinear]:
+    """Whether p's decode rows take the int8 kernels: weights in blocks on the CPU, --decode-dtype int8."""
+    return isinstance(p, QuantLinear) and p.decode_int8 and not p.bf16_products and p.weight.data.device.type == "cpu"
+
+
 def project(x: torch.Tensor, layers: tuple[Linear | QuantLinear, ...], decode_rows: int) -> list[torch.Tensor]:
     """Each layer's product of the same x (T, in): in a decode step of int8 rows over weights
     in blocks on the CPU, one qmatmul_q8_many call (x quantized once, one job); the same numbers."""
-    quant = [p for p in layers if isinstance(p, QuantLinear)]
+    quant = [p for p in layers if int8_on_cpu(p)]
     if (
         decode_rows == x.shape[0]
         and x.device.type == "cpu"
         and len(quant) == len(layers)
-        and all(p.decode_int8 and not p.bf16_products and p.weight.data.device.type == "cpu" for p in quant)
         and len({p.weight.shape[1] for p in quant}) == 1
     ):
         ys = ops.qmatmul_q8_many(x, [p.weight.data for p in quant], [p.weight.qtype for p in quant], x.shape[1])

@@ -22,6 +22,7 @@ from runtime.layers.linear import (
     QuantLinear,
     QuantWeight,
     Weight,
+    int8_on_cpu,
     linear,
     project,
 )
@@ -70,6 +71,11 @@ class Layer:
     k_norm: torch.Tensor | None = None
     post_attn_norm: torch.Tensor | None = None
     post_ffn_norm: torch.Tensor | None = None
+
+    @property
+    def projections(self) -> tuple[Proj, ...]:
+        """q, k, v, o, gate, up, down: decode_layer's order of its weights."""
+        return (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
 
 
 class Transformer:
@@ -194,7 +200,7 @@ class Transformer:
 
     def set_decode_dtype(self, decode_dtype: str) -> str:
         """The layers' products for decode rows (EngineConfig.decode_dtype); returns "float32" or "int8"."""
-        projs = [p for x in self.layers for p in (x.q, x.k, x.v, x.o, x.gate, x.up, x.down)]
+        projs = [p for layer in self.layers for p in layer.projections]
         if decode_dtype == "auto":
             quant_cpu = all(isinstance(p, QuantLinear) and p.weight.data.device.type == "cpu" for p in projs)
             decode_dtype = "int8" if quant_cpu and projs and ops.int8_dot() else "float32"
@@ -203,13 +209,8 @@ class Transformer:
         # Layers a decode-only step runs as one op (ops.decode_layer): int8 products of
         # weights in blocks on the CPU, no biases, not sharded (nothing to reduce).
         self.fused = [
-            self.reduce is _identity
-            and all(
-                isinstance(p, QuantLinear) and p.decode_int8 and p.bias is None and not p.bf16_products
-                and p.weight.data.device.type == "cpu"
-                for p in (lay.q, lay.k, lay.v, lay.o, lay.gate, lay.up, lay.down)
-            )
-            for lay in self.layers
+            self.reduce is _identity and all(int8_on_cpu(p) and p.bias is None for p in layer.projections)
+            for layer in self.layers
         ]
         return decode_dtype
 
@@ -278,8 +279,7 @@ class Transformer:
     ) -> torch.Tensor:
         """The layer loop's body for a step of decode rows only, as one op: the same numbers."""
         c = self.cfg
-        projs = (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)
-        ws = [p.weight for p in projs if isinstance(p, QuantLinear)]  # all seven: see set_decode_dtype
+        ws = [p.weight for p in layer.projections if isinstance(p, QuantLinear)]  # all seven: see self.fused
         norms = [layer.attn_norm, layer.q_norm, layer.k_norm, layer.post_attn_norm, layer.ffn_norm, layer.post_ffn_norm]
         return ops.decode_layer(
             x, norms, [w.data for w in ws], [w.qtype for w in ws], *cos_sin, cache.k[i], cache.v[i],

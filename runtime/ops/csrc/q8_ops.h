@@ -60,8 +60,7 @@ struct Q8Input {
 torch::Tensor qmatmul_q8(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype, int64_t k) {
     const auto x = checked_input(x_in, w, qtype, k, torch::kFloat32);
 #ifdef QK_HAVE_VNNI
-    const int off = k_vnni::q8_offset((int)qtype);
-    if (off >= 0 && use_int8_dot()) {
+    if (k_vnni::has_q8_kernel((int)qtype) && use_int8_dot()) {
         const int64_t t = x.size(0), n = w.size(0), row_bytes = w.stride(0);
         const Q8Input in(x, k);
         auto y = torch::empty({t, n}, torch::dtype(torch::kFloat32));
@@ -89,7 +88,7 @@ std::vector<torch::Tensor> qmatmul_q8_many(const torch::Tensor& x_in, at::Tensor
     for (size_t i = 0; i < ws.size(); ++i) {
         checked_input(x, ws[i], qtypes[i], k, torch::kFloat32);
 #ifdef QK_HAVE_VNNI
-        fast = fast && k_vnni::q8_offset((int)qtypes[i]) >= 0;
+        fast = fast && k_vnni::has_q8_kernel((int)qtypes[i]);
 #endif
     }
 #ifdef QK_HAVE_VNNI

@@ -191,7 +191,24 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& w, int64_t
     return matvec(x, w, qtype, k);
 }
 
-torch::Tensor qmatmul_bf16(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype, int64_t k);
+// x (t, k) @ W^T with x and W's values rounded to bfloat16, float32 sums -> (t, n) float32.
+// Every t takes the row kernels (no GEMM path), so each row of y is the same whatever t is.
+torch::Tensor qmatmul_bf16(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype, int64_t k) {
+    const auto xb = checked_input(x_in, w, qtype, k, torch::kBFloat16);  // the rounded operand (t, k)
+    const auto xr = xb.to(torch::kFloat32);  // its values as float32
+    const int64_t t = xb.size(0), n = w.size(0), row_bytes = w.stride(0);
+    auto y = torch::empty({t, n}, torch::dtype(torch::kFloat32));
+    const uint8_t* wp = w.data_ptr<uint8_t>();
+    const uint16_t* xbp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
+    const float* xrp = xr.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    const auto fn = kernels().matvec_bf16;
+    const bool dot = use_bf16_dot();
+    over_rows(n, k, t, qtype, [&](int64_t r0, int64_t r1, float* buf) {
+        return fn((int)qtype, wp, row_bytes, xrp, xbp, yp, t, n, k, r0, r1, buf, dot);
+    });
+    return y;
+}
 
 // qmatmul_bf16's quantity (x and W rounded to bfloat16, float32 sums) through a GEMM for
 // prompt rows: on AVX512-BF16, panels of W decoded and packed per thread (quant_gemm.h);
@@ -233,25 +250,6 @@ torch::Tensor qgemm_bf16(const torch::Tensor& x_in, const torch::Tensor& w, int6
     }
 #endif
     return qmatmul_bf16(x, w, qtype, k);  // the row kernels: also each row alone
-}
-
-// x (t, k) @ W^T with x and W's values rounded to bfloat16, float32 sums -> (t, n) float32.
-// Every t takes the row kernels (no GEMM path), so each row of y is the same whatever t is.
-torch::Tensor qmatmul_bf16(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype, int64_t k) {
-    const auto xb = checked_input(x_in, w, qtype, k, torch::kBFloat16);  // the rounded operand (t, k)
-    const auto xr = xb.to(torch::kFloat32);  // its values as float32
-    const int64_t t = xb.size(0), n = w.size(0), row_bytes = w.stride(0);
-    auto y = torch::empty({t, n}, torch::dtype(torch::kFloat32));
-    const uint8_t* wp = w.data_ptr<uint8_t>();
-    const uint16_t* xbp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
-    const float* xrp = xr.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    const auto fn = kernels().matvec_bf16;
-    const bool dot = use_bf16_dot();
-    over_rows(n, k, t, qtype, [&](int64_t r0, int64_t r1, float* buf) {
-        return fn((int)qtype, wp, row_bytes, xrp, xbp, yp, t, n, k, r0, r1, buf, dot);
-    });
-    return y;
 }
 
 #include "q8_ops.h"

@@ -360,16 +360,16 @@ static void q8_rows(const uint8_t* w, int64_t row_bytes, const Q8Act& x, float* 
     X(QT_Q5_K, 0, true, 4, c_q5_k, false)            \
     X(QT_Q6_K, 32, false, 4, c_q6_k, false)
 
-// The weights' offset for a type with a kernel here, else -1 (the caller takes another path).
-static int q8_offset(int qtype) {
+// Whether the type has a kernel here (else the caller takes another path).
+static bool has_q8_kernel(int qtype) {
     switch (qtype) {
-#define Q8_OFF(id, off, min, ch, fn, pair) \
-    case id:                     \
-        return off;
-        Q8_TYPES(Q8_OFF)
-#undef Q8_OFF
+#define Q8_HAS(id, off, min, ch, fn, pair) \
+    case id:                               \
+        return true;
+        Q8_TYPES(Q8_HAS)
+#undef Q8_HAS
     }
-    return -1;
+    return false;
 }
 
 // bb: 2 * ceil(k / 32) + 2 floats of room (the thread's own).
