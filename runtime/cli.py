@@ -29,7 +29,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="activation/weight dtype")
     p.add_argument(
         "--gemm-dtype", choices=GEMM_DTYPES, default="bfloat16",
-        help="GEMMs of --weights quant on the CPU: bfloat16 operands for prompt rows (default) or IEEE",
+        help="GEMMs of --weights quant on the CPU: prompt rows with bfloat16 operands (default), int8 activations (llama.cpp's numerics, faster) or IEEE",
     )  # fmt: skip
     p.add_argument(
         "--head-dtype", choices=HEAD_DTYPES, default="auto",

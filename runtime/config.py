@@ -142,7 +142,7 @@ class Metadata:
 
 
 WEIGHTS = ("quant", "dense")
-GEMM_DTYPES = ("float32", "bfloat16")
+GEMM_DTYPES = ("float32", "bfloat16", "int8")
 HEAD_DTYPES = ("auto", "float32", "bfloat16")
 DECODE_DTYPES = ("auto", "float32", "int8")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -164,7 +164,8 @@ class EngineConfig:
     # Quantized CPU kernels' GEMMs: "bfloat16" multiplies prompt rows with both operands
     # rounded to bfloat16 and float32 sums (ops.qgemm_bf16 on AVX512-BF16: each row the same
     # whatever the batch), and runs decode rows over 8 on the bfloat16 units at float32
-    # accuracy (~1e-6; ops.gemm_precision); "float32": IEEE everywhere.
+    # accuracy (~1e-6; ops.gemm_precision); "int8": the same, but prompt rows quantized to
+    # int8 per 32 values (ops.qgemm_q8 on AVX512-VNNI, llama.cpp's numerics); "float32": IEEE everywhere.
     gemm_dtype: str = "bfloat16"
     # The output head's products (the logits): "bfloat16" rounds the hidden state and the
     # head's weights to bfloat16 and sums in float32 (ops.qmatmul_bf16: ~2.6x faster at 8

@@ -29,24 +29,26 @@ def test_qmatmul_q8_matches_reference(qt, isa):
     """Only the order of the float32 sums may differ from x_hat @ W_hat^T; a row never depends on its batch."""
     # 32-value blocks: 3 (a half-filled last chunk), 7, 5 and 6 per row
     for k in (512,) if GGML_QUANT_SIZES[qt][0] == 256 else (96, 224, 160, 192):
-        _check_qmatmul_q8(qt, k)
+        check_q8_rows(ops.qmatmul_q8, qt, 45, k, (1, 2, 3, 4, 5, 8, 9, 17))  # the 1-4 row groups, remainders
 
 
-def _check_qmatmul_q8(qt: T, k: int) -> None:
-    w = weight(qt, 45, k, seed=3)
+def check_q8_rows(matmul, qt: T, n: int, k: int, ts: tuple[int, ...]) -> None:
+    """matmul(x, W) against x_hat @ W_hat^T (x_hat: x's rows quantized to int8 per 32 values),
+    t rows at a time, and each row alone giving the same bits, on each path this CPU has."""
+    w = weight(qt, n, k, seed=3)
     wd = reference.dequantize(w, int(qt), k).double()
     for native in _paths():
         load().allow_int8_dot(native)
         try:
-            for t in (1, 2, 3, 4, 5, 8, 9, 17):  # the 1-4 row groups and their remainders
+            for t in ts:
                 x = torch.randn(t, k, generator=torch.Generator().manual_seed(t)) * 3
                 xh = reference.quantize_q8(x).double()
                 want, scale = xh @ wd.T, xh.abs() @ wd.abs().T
-                got = ops.qmatmul_q8(x, w, int(qt), k)
-                assert got.shape == (t, 45) and got.dtype == torch.float32
+                got = matmul(x, w, int(qt), k)
+                assert got.shape == (t, n) and got.dtype == torch.float32
                 err = ((got - want).abs() / scale.clamp_min(1e-30)).max().item()
                 assert err < 1e-6, f"{qt.name} k={k} t={t} native={native}: error {err:.2e} of the products' magnitude"
-                alone = torch.cat([ops.qmatmul_q8(x[i : i + 1], w, int(qt), k) for i in range(t)])
+                alone = torch.cat([matmul(x[i : i + 1], w, int(qt), k) for i in range(t)])
                 assert torch.equal(alone, got), f"{qt.name} t={t}: a row changed with the batch"
         finally:
             load().allow_int8_dot(True)
@@ -56,7 +58,7 @@ def _check_qmatmul_q8(qt: T, k: int) -> None:
 def test_qmatmul_q8_wide_rows_in_panels(qt, isa):
     """Rows of 4-8 KB: W is taken in panels of a few rows (each against every group of 4
     rows of x), which must not change any row's result."""
-    _check_qmatmul_q8(qt, 4096)
+    check_q8_rows(ops.qmatmul_q8, qt, 45, 4096, (1, 2, 3, 4, 5, 8, 9, 17))
 
 
 def test_quantize_q8_is_per_block_int8():

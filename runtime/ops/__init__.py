@@ -35,32 +35,42 @@ def set_num_threads(n: int) -> None:
 
 @contextmanager
 def gemm_precision(dtype: str) -> Iterator[None]:
-    """The CPU kernels' GEMMs inside the block: "float32" or "bfloat16".
+    """The CPU kernels' GEMMs inside the block: "float32", "bfloat16" or "int8".
 
     "bfloat16": prompt rows (qmatmul_prompt) take qgemm_bf16 where the CPU has AVX512-BF16;
     qmatmul's products over 8 rows let oneDNN compute its float32 GEMMs on the bfloat16 dot-product units
     (fp32_precision "bf16", set around each GEMM only): float32 in and out, each operand
     split into bfloat16 parts, so results stay within ~1e-6 of IEEE float32 (measured:
     8e-7 vs 4e-7 relative) at ~2.5x the speed where the CPU has AVX512-BF16 or AMX;
-    other CPUs run IEEE float32. The flag is process-wide, hence restored on exit.
+    other CPUs run IEEE float32. "int8": as "bfloat16", but prompt rows of the types
+    qgemm_q8 has a kernel for (on AVX512-VNNI) take qgemm_q8 instead: x quantized to int8
+    per 32 values, as llama.cpp's CPU kernels compute prompts. The flags are process-wide,
+    hence restored on exit.
     """
     if dtype not in GEMM_DTYPES:
         raise ValueError(f"gemm dtype must be one of {GEMM_DTYPES}, got {dtype!r}")
     kernels = load()
-    before = kernels.gemm_bf16()
-    kernels.set_gemm_bf16(dtype == "bfloat16")
+    before = kernels.gemm_bf16(), kernels.gemm_q8()
+    kernels.set_gemm_bf16(dtype != "float32")
+    kernels.set_gemm_q8(dtype == "int8")
     try:
         yield
     finally:
-        kernels.set_gemm_bf16(before)
+        kernels.set_gemm_bf16(before[0])
+        kernels.set_gemm_q8(before[1])
 
 
 def qmatmul_prompt(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
-    """Prompt rows' product: under gemm_precision("bfloat16") on a CPU with AVX512-BF16,
-    qgemm_bf16 (any number of rows, each computed the same whatever the batch); else
-    qmatmul (CPUs without it keep oneDNN's GEMM: rounded operands would gain nothing there)."""
-    if x.device.type == "cpu" and load().gemm_bf16() and load().bf16_dot():
-        return qgemm_bf16(x, w, qtype, k)
+    """Prompt rows' product, by gemm_precision: under "int8", qgemm_q8 where the CPU and type
+    have its kernel; under "bfloat16" (and "int8" otherwise), qgemm_bf16 on a CPU with
+    AVX512-BF16. Each of these computes a row the same whatever the batch. Else qmatmul
+    (CPUs without them keep oneDNN's GEMM: rounded operands would gain nothing there)."""
+    if x.device.type == "cpu":
+        kernels = load()
+        if kernels.gemm_q8() and kernels.q8_gemm(qtype):
+            return qgemm_q8(x, w, qtype, k)
+        if kernels.gemm_bf16() and kernels.bf16_dot():
+            return qgemm_bf16(x, w, qtype, k)
     return qmatmul(x, w, qtype, k)
 
 
@@ -95,6 +105,14 @@ def qmatmul_q8(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Te
     float32 ones at one row. Each row's result is independent of t.
     """
     return torch.ops.gguf_serve.qmatmul_q8(x, w, qtype, k)
+
+
+def qgemm_q8(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """qmatmul_q8's quantity through the prompt GEMM (qmatmul_prompt's under
+    gemm_precision("int8")): panels of W decoded to bytes, packed and multiplied by
+    AVX512-VNNI register tiles. Each row's result is independent of t, but not the row kernels' bits.
+    """
+    return torch.ops.gguf_serve.qgemm_q8(x, w, qtype, k)
 
 
 def qmatmul_q8_many(x: torch.Tensor, ws: list[torch.Tensor], qtypes: list[int], k: int) -> list[torch.Tensor]:
@@ -175,6 +193,6 @@ def decode_layer(
 
 __all__ = [
     "GEMM_DTYPES", "KernelBuildError", "decode_layer", "dequantize", "gated", "gemm_precision", "int8_dot", "paged_decode",
-    "qgemm_bf16", "qmatmul", "qmatmul_bf16", "qmatmul_prompt", "qmatmul_q8", "qmatmul_q8_many", "quantize_q8", "rms_norm", "rope", "set_num_threads",
+    "qgemm_bf16", "qgemm_q8", "qmatmul", "qmatmul_bf16", "qmatmul_prompt", "qmatmul_q8", "qmatmul_q8_many", "quantize_q8", "rms_norm", "rope", "set_num_threads",
     "use_cpu_kernels",
 ]  # fmt: skip

@@ -5,7 +5,7 @@ uint8 rows of GGUF blocks of type `qtype` (a GGMLQuantizationType id), k values 
 row -> (t, n) float32; `qmatmul_bf16` is the same product with both operands rounded to
 bfloat16 first (float32 sums), `qgemm_bf16` that quantity through the prompt GEMM (another
 order of sums), `qmatmul_q8` with x's rows quantized to int8 per 32 values (`qmatmul_q8_many`: one x, several
-matrices).
+matrices; `qgemm_q8`: that quantity through the prompt GEMM).
 `torch.ops.gguf_serve.dequantize(w, qtype, k)` -> (n, k) float32.
 Device kernels register themselves for their dispatch key (CPU: csrc/quant_cpu.cpp,
 CUDA: triton_kernels.py) and win over the CompositeExplicitAutograd reference, which
@@ -24,11 +24,13 @@ LIB.define("dequantize(Tensor w, int qtype, int k) -> Tensor")
 LIB.define("qmatmul_bf16(Tensor x, Tensor w, int qtype, int k) -> Tensor")
 LIB.define("qmatmul_q8(Tensor x, Tensor w, int qtype, int k) -> Tensor")
 LIB.define("qgemm_bf16(Tensor x, Tensor w, int qtype, int k) -> Tensor")
+LIB.define("qgemm_q8(Tensor x, Tensor w, int qtype, int k) -> Tensor")
 LIB.define("qmatmul_q8_many(Tensor x, Tensor[] ws, int[] qtypes, int k) -> Tensor[]")
 LIB.impl("qmatmul", reference.qmatmul, "CompositeExplicitAutograd")
 LIB.impl("qmatmul_bf16", reference.qmatmul_bf16, "CompositeExplicitAutograd")
 LIB.impl("qmatmul_q8", reference.qmatmul_q8, "CompositeExplicitAutograd")
 LIB.impl("qgemm_bf16", reference.qmatmul_bf16, "CompositeExplicitAutograd")
+LIB.impl("qgemm_q8", reference.qmatmul_q8, "CompositeExplicitAutograd")
 LIB.impl("qmatmul_q8_many", reference.qmatmul_q8_many, "CompositeExplicitAutograd")
 LIB.impl("dequantize", reference.dequantize, "CompositeExplicitAutograd")
 # The small per-token ops of a step, fused on the CPU (csrc/fused_cpu.cpp); the reference
@@ -84,6 +86,11 @@ def _qmatmul_bf16_fake(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> 
 
 @torch.library.register_fake("gguf_serve::qgemm_bf16")
 def _qgemm_bf16_fake(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+
+
+@torch.library.register_fake("gguf_serve::qgemm_q8")
+def _qgemm_q8_fake(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
 
 

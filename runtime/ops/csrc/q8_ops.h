@@ -47,7 +47,11 @@ struct Q8Input {
         dx.assign((size_t)(t * kp / 4), 0.f);
         nls.assign((size_t)(t * kp / 4), 0);
         dsum.assign((size_t)(t * kp / 32), 0.f);
-        k_vnni::quantize_x(x.data_ptr<float>(), t, k, q.data(), dx.data(), nls.data(), dsum.data(), kp);
+        const float* xp = x.data_ptr<float>();
+        parallel_rows(t, k, [&](int64_t a, int64_t b) {  // one chunk below ~100 rows of 640
+            k_vnni::quantize_x(xp + a * k, b - a, k, q.data() + a * kp, dx.data() + a * (kp / 4), nls.data() + a * (kp / 4),
+                               dsum.data() + a * (kp / 32), kp);
+        });
         act = k_vnni::Q8Act{q.data(), dx.data(), nls.data(), dsum.data(), kp};
     }
 };
@@ -74,6 +78,36 @@ torch::Tensor qmatmul_q8(const torch::Tensor& x_in, const torch::Tensor& w, int6
 #endif
     // Other CPUs and types: the same x_hat through the float32 row kernels.
     return matvec(quantized_q8(x), w, qtype, k);
+}
+
+// qmatmul_q8's quantity through a GEMM for prompt rows: on AVX512-VNNI, panels of W decoded
+// to bytes and packed per thread (quant_gemm_q8.h); each row of y is the same whatever t is
+// (not the row kernels' bits: another order of sums). Elsewhere qmatmul_q8's row kernels, also
+// each row alone (qmatmul_prompt takes this op only where the GEMM runs: ops.q8_gemm).
+torch::Tensor qgemm_q8(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype, int64_t k) {
+    const auto x = checked_input(x_in, w, qtype, k, torch::kFloat32);
+#ifdef QK_HAVE_VNNI
+    if (k_vnni::has_q8_kernel((int)qtype) && use_int8_dot()) {
+        const int64_t t = x.size(0), n = w.size(0), row_bytes = w.stride(0), nr = k_gemm8::NR;
+        const Q8Input in(x, k);
+        const int64_t kp = in.act.kp, per = k_gemm8::group_size((int)qtype) / 4, gp = kp / 4 / per;
+        std::vector<int32_t> ns((size_t)(t * gp), 0);  // -sum(q) per row and scale group
+        for (int64_t i = 0; i < t * gp; ++i)
+            for (int64_t j = 0; j < per; ++j) ns[i] += in.nls[i * per + j];
+        auto y = torch::empty({t, n}, torch::dtype(torch::kFloat32));
+        const uint8_t* wp = w.data_ptr<uint8_t>();
+        float* yp = y.data_ptr<float>();
+        std::atomic<bool> ok{true};
+        parallel_rows((n + nr - 1) / nr, t * k * nr, [&](int64_t a, int64_t b) {
+            thread_local k_gemm8::Panel pn;
+            pn.resize(kp);
+            if (!k_gemm8::gemm_panels((int)qtype, wp, row_bytes, in.act, ns.data(), t, n, k, a, b, yp, pn)) ok = false;
+        });
+        TORCH_CHECK(ok, "no CPU kernel for GGUF tensor type ", qtype);
+        return y;
+    }
+#endif
+    return qmatmul_q8(x, w, qtype, k);
 }
 
 // qmatmul_q8 of one x with several matrices (a layer's q, k, v or gate, up): x quantized

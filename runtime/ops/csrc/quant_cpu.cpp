@@ -41,6 +41,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
 #define QK_HAVE_VNNI 1
 #include "quant_q8.h"
+#include "quant_gemm_q8.h"
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
@@ -104,6 +105,8 @@ torch::Tensor checked_input(const torch::Tensor& x, const torch::Tensor& w, int6
 // out, ~1e-6 relative error). Only around that GEMM: torch's CPU flash attention runs ~10x
 // slower for single-token queries under the same setting.
 std::atomic<bool> g_gemm_bf16{false};
+// With --gemm-dtype int8 prompt rows of the types quant_gemm_q8.h has take qgemm_q8.
+std::atomic<bool> g_gemm_q8{false};
 
 struct Bf16MatmulScope {
     explicit Bf16MatmulScope(bool on) : on_(on) {
@@ -274,6 +277,18 @@ void set_gemm_bf16(bool on) { g_gemm_bf16.store(on); }
 
 bool gemm_bf16() { return g_gemm_bf16.load(); }
 
+void set_gemm_q8(bool on) { g_gemm_q8.store(on); }
+
+bool gemm_q8() { return g_gemm_q8.load(); }
+
+bool q8_gemm(int64_t qtype) {
+#ifdef QK_HAVE_VNNI
+    return use_int8_dot() && k_vnni::has_q8_kernel((int)qtype);
+#else
+    return false;
+#endif
+}
+
 void set_num_threads(int64_t n) { kernel_threads_setting().store((int)std::max<int64_t>(0, n)); }
 
 // The schemas are defined in Python (runtime/ops/schema.py), with the plain-torch
@@ -283,6 +298,7 @@ TORCH_LIBRARY_IMPL(gguf_serve, CPU, m) {
     m.impl("qmatmul_bf16", &qmatmul_bf16);
     m.impl("qgemm_bf16", &qgemm_bf16);
     m.impl("qmatmul_q8", &qmatmul_q8);
+    m.impl("qgemm_q8", &qgemm_q8);
     m.impl("qmatmul_q8_many", &qmatmul_q8_many);
     m.impl("dequantize", &dequantize);
 }
@@ -296,5 +312,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("use_isa", &use_isa, "pick a build by name (for tests); returns the runnable ones");
     m.def("set_gemm_bf16", &set_gemm_bf16, "large-batch GEMMs on the bfloat16 units, float32 accuracy");
     m.def("gemm_bf16", &gemm_bf16, "whether set_gemm_bf16 is on");
+    m.def("set_gemm_q8", &set_gemm_q8, "prompt rows through qgemm_q8 where it has a kernel");
+    m.def("gemm_q8", &gemm_q8, "whether set_gemm_q8 is on");
+    m.def("q8_gemm", &q8_gemm, "whether qgemm_q8 runs the AVX512-VNNI GEMM for a type on this CPU");
     m.def("set_num_threads", &set_num_threads, "threads for the kernels (0: torch's intra-op count)");
 }
