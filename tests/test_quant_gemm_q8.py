@@ -57,9 +57,6 @@ def test_prompt_rows_take_the_int8_gemm_where_it_has_a_kernel(kernels):
             finally:
                 kernels.allow_int8_dot(True)
         assert kernels.gemm_bf16() and not kernels.gemm_q8()
-    with pytest.raises(ValueError, match="gemm dtype"):
-        with ops.gemm_precision("int4"):
-            pass
 
 
 def test_schema_and_bad_input(kernels):

@@ -148,7 +148,7 @@ def test_bfloat16_gemm_keeps_float32_accuracy(kernels):
     assert ((ieee - exact).abs().max() / scale).item() < REL
     assert ((small - fast[:8]).abs().max() / scale).item() < 3e-6
     with pytest.raises(ValueError, match="gemm dtype"):
-        with ops.gemm_precision("int8"):
+        with ops.gemm_precision("int4"):
             pass
 
 

@@ -92,8 +92,11 @@ torch::Tensor qgemm_q8(const torch::Tensor& x_in, const torch::Tensor& w, int64_
         const Q8Input in(x, k);
         const int64_t kp = in.act.kp, per = k_gemm8::group_size((int)qtype) / 4, gp = kp / 4 / per;
         std::vector<int32_t> ns((size_t)(t * gp), 0);  // -sum(q) per row and scale group
+        std::vector<float> dx((size_t)(t * kp / 32));   // dx per row and block
         for (int64_t i = 0; i < t * gp; ++i)
             for (int64_t j = 0; j < per; ++j) ns[i] += in.nls[i * per + j];
+        for (int64_t i = 0; i < t * kp / 32; ++i) dx[i] = in.dx[i * 8];
+        const k_gemm8::GemmX gx{in.q.data(), dx.data(), in.dsum.data(), ns.data(), kp};
         auto y = torch::empty({t, n}, torch::dtype(torch::kFloat32));
         const uint8_t* wp = w.data_ptr<uint8_t>();
         float* yp = y.data_ptr<float>();
@@ -101,7 +104,7 @@ torch::Tensor qgemm_q8(const torch::Tensor& x_in, const torch::Tensor& w, int64_
         parallel_rows((n + nr - 1) / nr, t * k * nr, [&](int64_t a, int64_t b) {
             thread_local k_gemm8::Panel pn;
             pn.resize(kp);
-            if (!k_gemm8::gemm_panels((int)qtype, wp, row_bytes, in.act, ns.data(), t, n, k, a, b, yp, pn)) ok = false;
+            if (!k_gemm8::gemm_panels((int)qtype, wp, row_bytes, gx, t, n, k, a, b, yp, pn)) ok = false;
         });
         TORCH_CHECK(ok, "no CPU kernel for GGUF tensor type ", qtype);
         return y;

@@ -23,11 +23,22 @@
 
 namespace k_gemm8 {
 
-using namespace k_vnni;  // the decoders Q8_TYPES names, DecodeFn, Q8Act, off_shift
+using namespace k_vnni;  // the decoders Q8_TYPES names, DecodeFn, off_shift
 
 constexpr int NR = 32;  // W rows per panel: 2 vectors of 16 columns
 constexpr int NV = NR / 16;
 constexpr int MR = 4;   // x rows per register tile
+
+// A call's x as the tiles read it: per row kp int8 q (Q8Act's), and compact per 32-value
+// block dx and dx * sum(q), per scale group of G values -sum(q) (a tile streams these for
+// every panel: Q8Act's per-lane arrays would be 8x the bytes).
+struct GemmX {
+    const int8_t* q;
+    const float* dx;    // (t, kp / 32)
+    const float* dsum;  // (t, kp / 32)
+    const int32_t* ns;  // (t, kp / G)
+    int64_t kp;
+};
 
 // A thread's decoded and packed panel. kp: k rounded up to 64 (a decoder's chunk).
 struct Panel {
@@ -85,13 +96,11 @@ static void decode_panel(const uint8_t* w, int64_t row_bytes, int nr, int64_t k,
     }
 }
 
-// R (<= MR) rows of x (from row i of `x`; ns: per row kp / G group sums -sum(q)) against a
-// panel -> y's columns [0, nr) of those rows (row stride n).
+// R (<= MR) rows of x (from row i) against a panel -> y's columns [0, nr) of those rows (row stride n).
 template <int R, int G, int OFF, bool MIN>
-static inline void tile(const Q8Act& x, const int32_t* ns, int64_t i, int64_t k, const Panel& pn, float* y, int64_t n,
-                        int nr) {
+static inline void tile(const GemmX& x, int64_t i, int64_t k, const Panel& pn, float* y, int64_t n, int nr) {
     constexpr int S = G / 4;  // words per group
-    const int64_t ng = k / G, gp = x.kp / G, lanes = x.kp / 4;
+    const int64_t ng = k / G, gp = x.kp / G, bp = x.kp / 32;
     __m512 acc[R][NV];
     for (int r = 0; r < R; ++r)
         for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
@@ -99,7 +108,7 @@ static inline void tile(const Q8Act& x, const int32_t* ns, int64_t i, int64_t k,
         __m512i sum[R][NV];
         for (int r = 0; r < R; ++r) {
             // OFF * (-sum(q)): the offset's share, so the weights stay unsigned
-            const __m512i s0 = OFF ? _mm512_set1_epi32(ns[(i + r) * gp + grp] << k_vnni::off_shift(OFF))
+            const __m512i s0 = OFF ? _mm512_set1_epi32(x.ns[(i + r) * gp + grp] << off_shift(OFF))
                                    : _mm512_setzero_si512();
             for (int v = 0; v < NV; ++v) sum[r][v] = s0;
         }
@@ -118,7 +127,7 @@ static inline void tile(const Q8Act& x, const int32_t* ns, int64_t i, int64_t k,
         __m512 av[NV];
         for (int v = 0; v < NV; ++v) av[v] = _mm512_loadu_ps(pn.a.data() + grp * NR + 16 * v);
         for (int r = 0; r < R; ++r) {
-            const __m512 dx = _mm512_set1_ps(x.dx[(i + r) * lanes + blk * 8]);
+            const __m512 dx = _mm512_set1_ps(x.dx[(i + r) * bp + blk]);
             for (int v = 0; v < NV; ++v)
                 acc[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][v]), _mm512_mul_ps(av[v], dx), acc[r][v]);
         }
@@ -126,7 +135,7 @@ static inline void tile(const Q8Act& x, const int32_t* ns, int64_t i, int64_t k,
             __m512 bv[NV];
             for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(pn.b.data() + blk * NR + 16 * v);
             for (int r = 0; r < R; ++r) {
-                const __m512 ds = _mm512_set1_ps(x.dsum[(i + r) * (x.kp / 32) + blk]);
+                const __m512 ds = _mm512_set1_ps(x.dsum[(i + r) * bp + blk]);
                 for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(bv[v], ds, acc[r][v]);
             }
         }
@@ -143,16 +152,15 @@ static inline void tile(const Q8Act& x, const int32_t* ns, int64_t i, int64_t k,
 
 // All t rows of x against one panel, MR rows at a time.
 template <int G, int OFF, bool MIN>
-static void panel_rows(const Q8Act& x, const int32_t* ns, int64_t t, int64_t k, const Panel& pn, float* y, int64_t n,
-                       int nr) {
+static void panel_rows(const GemmX& x, int64_t t, int64_t k, const Panel& pn, float* y, int64_t n, int nr) {
     int64_t i = 0;
-    for (; i + MR <= t; i += MR) tile<MR, G, OFF, MIN>(x, ns, i, k, pn, y + i * n, n, nr);
+    for (; i + MR <= t; i += MR) tile<MR, G, OFF, MIN>(x, i, k, pn, y + i * n, n, nr);
     float* yi = y + i * n;
     switch (t - i) {
-        case 4: tile<4, G, OFF, MIN>(x, ns, i, k, pn, yi, n, nr); break;
-        case 3: tile<3, G, OFF, MIN>(x, ns, i, k, pn, yi, n, nr); break;
-        case 2: tile<2, G, OFF, MIN>(x, ns, i, k, pn, yi, n, nr); break;
-        case 1: tile<1, G, OFF, MIN>(x, ns, i, k, pn, yi, n, nr); break;
+        case 4: tile<4, G, OFF, MIN>(x, i, k, pn, yi, n, nr); break;
+        case 3: tile<3, G, OFF, MIN>(x, i, k, pn, yi, n, nr); break;
+        case 2: tile<2, G, OFF, MIN>(x, i, k, pn, yi, n, nr); break;
+        case 1: tile<1, G, OFF, MIN>(x, i, k, pn, yi, n, nr); break;
         default: break;
     }
 }
@@ -160,10 +168,10 @@ static void panel_rows(const Q8Act& x, const int32_t* ns, int64_t t, int64_t k, 
 // Values per scale group of a type's GEMM: Q6_K's scales are per 16, every other type's per 32.
 static int group_size(int qtype) { return qtype == QT_Q6_K ? 16 : 32; }
 
-// Panels [c_begin, c_end) of W (n rows) against all t rows of x; ns: -sum(q) per row and
-// group of group_size(qtype). False for a type without a kernel.
-static bool gemm_panels(int qtype, const uint8_t* w, int64_t row_bytes, const Q8Act& x, const int32_t* ns, int64_t t,
-                        int64_t n, int64_t k, int64_t c_begin, int64_t c_end, float* y, Panel& pn) {
+// Panels [c_begin, c_end) of W (n rows) against all t rows of x (its ns per group of
+// group_size(qtype)). False for a type without a kernel.
+static bool gemm_panels(int qtype, const uint8_t* w, int64_t row_bytes, const GemmX& x, int64_t t, int64_t n,
+                        int64_t k, int64_t c_begin, int64_t c_end, float* y, Panel& pn) {
     switch (qtype) {
 #define Q8_GEMM(id, off, has_b, ch, fn, pair)                                                           \
     case id: {                                                                                        \
@@ -172,7 +180,7 @@ static bool gemm_panels(int qtype, const uint8_t* w, int64_t row_bytes, const Q8
             const int64_t c0 = c * NR;                                                                \
             const int live = (int)std::min<int64_t>(NR, n - c0);                                      \
             decode_panel<G, has_b, ch, fn>(w + c0 * row_bytes, row_bytes, live, k, x.kp, pn);           \
-            panel_rows<G, off, has_b>(x, ns, t, k, pn, y + c0, n, live);                                \
+            panel_rows<G, off, has_b>(x, t, k, pn, y + c0, n, live);                                \
         }                                                                                             \
         return true;                                                                                  \
     }
