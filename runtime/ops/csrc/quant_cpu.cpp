@@ -233,18 +233,22 @@ torch::Tensor qgemm_bf16(const torch::Tensor& x_in, const torch::Tensor& w, int6
         const auto deq = kernels().dequant;
         std::atomic<bool> ok{true};
         parallel_rows((n + nr - 1) / nr, t * k * nr, [&](int64_t a, int64_t b) {
-            const int64_t ks = k_gemm::panel_stride(k);
-            thread_local std::vector<float> f;  // a panel's rows, float32 (nr, ks)
-            thread_local std::vector<uint32_t> p;  // the same as bfloat16 pairs
-            f.resize((size_t)(nr * ks));
+            const int64_t hs = k_gemm::panel_stride(k);
+            thread_local std::vector<float> f;  // a row, float32
+            thread_local std::vector<uint16_t> h;  // the panel's rows as bfloat16 (nr, hs)
+            thread_local std::vector<uint32_t> p;  // the same as pairs, packed
+            f.resize((size_t)k);
+            h.resize((size_t)(nr * hs));
             p.resize((size_t)(k / 2 * nr));
             for (int64_t c = a; c < b; ++c) {
                 const int64_t c0 = c * nr;
                 const int live = (int)std::min(nr, n - c0);
-                for (int r = 0; r < live; ++r)
-                    if (!deq((int)qtype, wp + (c0 + r) * row_bytes, row_bytes, f.data() + r * ks, k, 0, 1))
+                for (int r = 0; r < live; ++r) {
+                    if (!deq((int)qtype, wp + (c0 + r) * row_bytes, row_bytes, f.data(), k, 0, 1))
                         return (void)(ok = false);
-                k_gemm::pack(f.data(), ks, live, k, p.data());
+                    k_gemm::to_bf16(f.data(), h.data() + r * hs, k);
+                }
+                k_gemm::pack(h.data(), hs, live, k, p.data());
                 k_gemm::panel(xp, t, k, p.data(), yp + c0, n, live);
             }
         });

@@ -32,17 +32,18 @@ static void to_bf16(const float* x, uint16_t* y, int64_t n) {
     }
 }
 
-// The row stride of a decoded panel: k plus one cache line, so that the 16 rows a gather of
-// pack() reads fall in 16 different L1 sets (at k a power of two they would share one set,
-// and 16 lines of one set miss an 8-way L1: 4096 x 4096 at 64 rows ran at 66 GMAC/s).
-static inline int64_t panel_stride(int64_t k) { return k + 16; }
+// The row stride of a decoded panel (bfloat16 values): k plus one cache line, so that the 16
+// rows a gather of pack() reads fall in 16 different L1 sets (at k a power of two they would
+// share one set, and 16 lines of one set miss an 8-way L1: 4096 x 4096 at 64 rows ran at 66
+// GMAC/s).
+static inline int64_t panel_stride(int64_t k) { return k + 32; }
 
-// Panel rows f (nr <= NR rows of k float32 values, k even, row stride ks) -> p: k / 2
-// groups of NR words; columns past nr are zero.
-static void pack(const float* f, int64_t ks, int nr, int64_t k, uint32_t* p) {
+// Panel rows h (nr <= NR rows of k bfloat16 values, k even, row stride hs) -> p: k / 2 groups
+// of NR words, each word one row's pair of values (a gather of 16 rows); columns past nr are zero.
+static void pack(const uint16_t* h, int64_t hs, int nr, int64_t k, uint32_t* p) {
     const int64_t kk = k / 2;
     const __m512i rows = _mm512_mullo_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)ks));
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)hs));
     for (int g = 0; g < NR / 16; ++g) {
         const int live = std::min(16, nr - 16 * g);
         uint32_t* out = p + 16 * g;
@@ -51,15 +52,9 @@ static void pack(const float* f, int64_t ks, int nr, int64_t k, uint32_t* p) {
             continue;
         }
         const __mmask16 m = (__mmask16)(live >= 16 ? 0xFFFF : (1u << live) - 1);
-        const float* base = f + 16 * g * ks;
-        for (int64_t q = 0; q < kk; ++q) {
-            // values 2q and 2q + 1 of 16 rows, rounded to bfloat16 (to nearest, ties to even)
-            const __m512 a = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, rows, base + 2 * q, 4);
-            const __m512 b = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, rows, base + 2 * q + 1, 4);
-            const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(a));
-            const __m512i hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(b)), 16);
-            _mm512_storeu_si512(out + q * NR, _mm512_or_si512(lo, hi));
-        }
+        const uint16_t* base = h + 16 * g * hs;
+        for (int64_t q = 0; q < kk; ++q)  // values 2q and 2q + 1 of 16 rows (scale 2: hs counts bfloat16 values)
+            _mm512_storeu_si512(out + q * NR, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, rows, base + 2 * q, 2));
     }
 }
 
