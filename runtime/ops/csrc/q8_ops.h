@@ -101,7 +101,7 @@ torch::Tensor qgemm_q8(const torch::Tensor& x_in, const torch::Tensor& w, int64_
         const uint8_t* wp = w.data_ptr<uint8_t>();
         float* yp = y.data_ptr<float>();
         std::atomic<bool> ok{true};
-        parallel_rows((n + nr - 1) / nr, t * k * nr, [&](int64_t a, int64_t b) {
+        parallel_items((n + nr - 1) / nr, [&](int64_t a, int64_t b) {
             thread_local k_gemm8::Panel pn;
             pn.resize(kp);
             if (!k_gemm8::gemm_panels((int)qtype, wp, row_bytes, gx, t, n, k, a, b, yp, pn)) ok = false;

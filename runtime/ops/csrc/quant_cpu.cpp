@@ -232,7 +232,7 @@ torch::Tensor qgemm_bf16(const torch::Tensor& x_in, const torch::Tensor& w, int6
         float* yp = y.data_ptr<float>();
         const auto deq = kernels().dequant;
         std::atomic<bool> ok{true};
-        parallel_rows((n + nr - 1) / nr, t * k * nr, [&](int64_t a, int64_t b) {
+        parallel_items((n + nr - 1) / nr, [&](int64_t a, int64_t b) {
             const int64_t hs = k_gemm::panel_stride(k);
             thread_local std::vector<float> f;  // a row, float32
             thread_local std::vector<uint16_t> h;  // the panel's rows as bfloat16 (nr, hs)

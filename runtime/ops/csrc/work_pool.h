@@ -152,3 +152,10 @@ inline void parallel_rows(int64_t n, int64_t work, const std::function<void(int6
     const int64_t chunks = (n + per - 1) / per;
     kernel_pool().run(chunks, threads, [&](int64_t c) { f(c * per, std::min(n, (c + 1) * per)); });
 }
+
+// f(i, i + 1) for each i in [0, n), one chunk each: for items as large as a GEMM's panels,
+// so that the threads finish within one item of each other (parallel_rows's four chunks per
+// thread left 6 of 10 panels to one thread and 4 to the other).
+inline void parallel_items(int64_t n, const std::function<void(int64_t, int64_t)>& f) {
+    kernel_pool().run(n, kernel_threads(), [&](int64_t c) { f(c, c + 1); });
+}
