@@ -18,11 +18,7 @@ from runtime.errors import GGUFServeError
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (
-    "quant_cpu.cpp", "quant_types.h", "quant_kernels.h", "quant_fused_avx512.h", "quant_bf16.h", "quant_q8.h",
-    "quant_gemm.h", "q8_ops.h", "kernel_choice.h", "work_pool.h", "fused_cpu.cpp", "cpu_ops.h", "decode_layer.cpp",
-)  # fmt: skip
-COMPILED = ("quant_cpu.cpp", "fused_cpu.cpp", "decode_layer.cpp")  # translation units; the .h files are included
+COMPILED = ("quant_cpu.cpp", "fused_cpu.cpp", "norm_cpu.cpp", "decode_layer.cpp")  # translation units; the .h files are included
 # -ffp-contract=off: no fused multiply-adds in dequantization, so blocks match the torch
 # reference bit for bit; -fopenmp-simd: `omp simd` vectorization hints only (threads are
 # work_pool.h's, not an OpenMP runtime's).
@@ -33,6 +29,11 @@ class KernelBuildError(GGUFServeError):
     """The C++ kernels could not be compiled or loaded here."""
 
 
+def sources() -> list[Path]:
+    """Every file of csrc/ (translation units and the headers they include), in name order."""
+    return sorted(p for p in CSRC.iterdir() if p.suffix in (".cpp", ".h"))
+
+
 def build_dir() -> Path:
     """Where the compiled module lives: keyed by the sources, their folder and torch's version."""
     import torch
@@ -40,8 +41,9 @@ def build_dir() -> Path:
     h = hashlib.sha256(torch.__version__.encode())
     # cpp_extension rebuilds when the sources' paths change: two checkouts, two folders
     h.update(str(CSRC).encode())
-    for name in SOURCES:
-        h.update((CSRC / name).read_bytes())
+    for path in sources():
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
     return cache_dir() / "ops" / h.hexdigest()[:16]
 
 

@@ -1,4 +1,4 @@
-// CPU kernels for the small per-token ops of a step (RMS norm, rotary, gated activation, decode attention, grammar masks), one pass each.
+// CPU kernels for the small per-token ops of a step (rotary, gated activation, decode attention, grammar masks; RMS norm: norm_cpu.cpp), one pass each.
 //
 // A decode step runs ~10 of these per layer on a few hundred values; as chains of torch ops
 // each costs 5-10 dispatches, which is more time than the arithmetic. Rows are independent
@@ -17,32 +17,6 @@
 #include "work_pool.h"
 
 namespace fused {
-
-// x (..., d) * rsqrt(mean(x^2) + eps) * w (d,), in float32; returns x's dtype.
-torch::Tensor rms_norm(const torch::Tensor& x_in, const torch::Tensor& w_in, double eps) {
-    TORCH_CHECK(x_in.dim() >= 1, "rms_norm: x must have at least one dimension");
-    TORCH_CHECK(w_in.dim() == 1 && w_in.size(0) == x_in.size(-1),
-                "rms_norm: weight must be (", x_in.size(-1), ",)");
-    const auto x = x_in.to(torch::kFloat32).contiguous();
-    const auto w = w_in.to(torch::kFloat32).contiguous();
-    auto y = torch::empty_like(x);
-    const int64_t d = w.size(0), rows = d ? x.numel() / d : 0;
-    const float* xp = x.data_ptr<float>();
-    const float* wp = w.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    const float feps = (float)eps;
-    for (int64_t r = 0; r < rows; ++r) {
-        const float* xr = xp + r * d;
-        float* yr = yp + r * d;
-        float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-        for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
-        const float scale = 1.f / std::sqrt(ss / (float)d + feps);
-#pragma omp simd
-        for (int64_t i = 0; i < d; ++i) yr[i] = (xr[i] * scale) * wp[i];
-    }
-    return y.to(x_in.scalar_type());
-}
 
 // x (T, H, D) rotated on its first 2 * half channels by cos/sin (T, 1, half) float32:
 // NEOX pairs channel i with i + half, NORM pairs 2i with 2i + 1; the rest is copied.
