@@ -225,8 +225,25 @@ def test_two_processes_generate_what_one_does(tmp_path, arch, qtype, kw):
         "ffn": cfg.ffn // 2,
     }
     got = out["ids"]
-    assert got == expected
     assert all(len(ids) == N_PREDICT for ids in got)
+    _same_but_near_ties(path, prompts, expected, got, decode_dtype="float32")
+
+
+def _same_but_near_ties(path, prompts, expected, got, **overrides: str) -> None:
+    """got == expected, except that a sequence may part ways at a near-tie: where it does, the
+    one process's top two log-probs are within 0.01 and the other run took the runner-up."""
+    params = SamplingParams(temperature=0.0, n_predict=N_PREDICT, ignore_eos=True, n_probs=2)
+    for prompt, want, ids in zip(prompts, expected, got):
+        d = next((i for i, (a, b) in enumerate(zip(want, ids)) if a != b), None)
+        if d is None:
+            continue
+        engine = Engine(EngineConfig(model_path=str(path), n_ctx=1024, **overrides), load_model(path))
+        rid = engine.add_request(prompt, params)
+        steps = []
+        while engine.has_unfinished():
+            steps += [lp.top for o in engine.step() if o.request_id == rid for lp in o.logprobs]
+        (first, lp1), (second, lp2) = steps[d][:2]
+        assert (first, second) == (want[d], ids[d]) and lp1 - lp2 < 0.01, (d, steps[d])
 
 
 @pytest.mark.parametrize("arch, qtype", [("llama", "Q5_0"), ("qwen3", "Q4_K")])
