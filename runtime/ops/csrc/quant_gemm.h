@@ -33,28 +33,29 @@ static void to_bf16(const float* x, uint16_t* y, int64_t n) {
 }
 
 // The row stride of a decoded panel (bfloat16 values): k plus one cache line, so that the 16
-// rows a gather of pack() reads fall in 16 different L1 sets (at k a power of two they would
+// rows pack() reads together fall in 16 different L1 sets (at k a power of two they would
 // share one set, and 16 lines of one set miss an 8-way L1: 4096 x 4096 at 64 rows ran at 66
 // GMAC/s).
 static inline int64_t panel_stride(int64_t k) { return k + 32; }
 
 // Panel rows h (nr <= NR rows of k bfloat16 values, k even, row stride hs) -> p: k / 2 groups
-// of NR words, each word one row's pair of values (a gather of 16 rows); columns past nr are zero.
+// of NR words, each word one row's pair of values; columns past nr are zero. 16 rows by 16
+// words at a time, transposed in registers.
 static void pack(const uint16_t* h, int64_t hs, int nr, int64_t k, uint32_t* p) {
     const int64_t kk = k / 2;
-    const __m512i rows = _mm512_mullo_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)hs));
     for (int g = 0; g < NR / 16; ++g) {
         const int live = std::min(16, nr - 16 * g);
         uint32_t* out = p + 16 * g;
-        if (live <= 0) {
-            for (int64_t q = 0; q < kk; ++q) _mm512_storeu_si512(out + q * NR, _mm512_setzero_si512());
-            continue;
-        }
-        const __mmask16 m = (__mmask16)(live >= 16 ? 0xFFFF : (1u << live) - 1);
         const uint16_t* base = h + 16 * g * hs;
-        for (int64_t q = 0; q < kk; ++q)  // values 2q and 2q + 1 of 16 rows (scale 2: hs counts bfloat16 values)
-            _mm512_storeu_si512(out + q * NR, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, rows, base + 2 * q, 2));
+        for (int64_t q0 = 0; q0 < kk; q0 += 16) {
+            const int nw = (int)std::min<int64_t>(16, kk - q0);
+            const __mmask16 m = (__mmask16)(nw >= 16 ? 0xFFFF : (1u << nw) - 1);
+            __m512i r[16];
+            for (int i = 0; i < 16; ++i)
+                r[i] = i < live ? _mm512_maskz_loadu_epi32(m, base + i * hs + 2 * q0) : _mm512_setzero_si512();
+            k_avx512::transpose16(r);
+            for (int j = 0; j < nw; ++j) _mm512_storeu_si512(out + (q0 + j) * NR, r[j]);
+        }
     }
 }
 

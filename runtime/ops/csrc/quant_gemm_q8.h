@@ -42,7 +42,7 @@ struct GemmX {
 
 // A thread's decoded and packed panel. kp: k rounded up to 64 (a decoder's chunk).
 struct Panel {
-    std::vector<uint8_t> u;  // NR rows of kp + 64 bytes (the extra line: 16 rows a gather reads, 16 L1 sets)
+    std::vector<uint8_t> u;  // NR rows of kp + 64 bytes (the extra line: 16 rows read together, 16 L1 sets)
     std::vector<uint32_t> p;  // kp / 4 words of NR columns
     std::vector<float> a;     // per group of G values: NR scales
     std::vector<float> b;     // per 32-value block: NR b terms (types with one)
@@ -86,13 +86,15 @@ static void decode_panel(const uint8_t* w, int64_t row_bytes, int nr, int64_t k,
         if (MIN)
             for (int64_t blk = 0; blk < nb; ++blk) pn.b[blk * NR + r] = pn.row_b[blk];
     }
-    // words (j, 16 columns) by gathers down the rows
-    const __m512i rows = _mm512_mullo_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)us));
+    // words (j, 16 columns): 16 rows by 16 words at a time, transposed in registers
     for (int g = 0; g < NV; ++g) {
         const uint8_t* base = pn.u.data() + 16 * g * us;
-        for (int64_t j = 0; j < kp / 4; ++j)
-            _mm512_storeu_si512(pn.p.data() + j * NR + 16 * g, _mm512_i32gather_epi32(rows, base + 4 * j, 1));
+        for (int64_t j0 = 0; j0 < kp / 4; j0 += 16) {
+            __m512i r[16];
+            for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(base + i * us + 4 * j0);
+            k_avx512::transpose16(r);
+            for (int j = 0; j < 16; ++j) _mm512_storeu_si512(pn.p.data() + (j0 + j) * NR + 16 * g, r[j]);
+        }
     }
 }
 
