@@ -78,6 +78,25 @@ def test_quantize_q8_is_per_block_int8():
     assert torch.equal(ops.quantize_q8(x), xh)
 
 
+def test_quantize_q8_rounds_the_true_quotient(kernels):
+    """x * (127 / amax) exactly half way between two levels goes to the even one: -5.3944325 in a
+    block whose amax is 8.406049 is level -81.5 by the true quotient (the kernels', llama.cpp's)
+    but -81.49999 by 127 * (1 / amax), which would round to -81."""
+    amax, v = 8.406048774719238, -5.394432544708252  # both exact float32 values
+    x = torch.zeros(1, 32)
+    x[0, 0], x[0, 1] = amax, v
+    assert torch.equal(reference.quantize_q8(x)[0, :2], torch.tensor([127.0, -82.0]) * (torch.tensor(amax) / 127))
+    w = weight(T.Q8_0, 16, 32)
+    want = reference.qmatmul_q8(x, w, int(T.Q8_0), 32)
+    for native in _paths():
+        load().allow_int8_dot(native)
+        try:
+            for f in (ops.qmatmul_q8, ops.qgemm_q8):
+                torch.testing.assert_close(f(x, w, int(T.Q8_0), 32), want, rtol=1e-6, atol=1e-5)
+        finally:
+            load().allow_int8_dot(True)
+
+
 def test_qmatmul_q8_is_not_float32_in_disguise(kernels):
     w = weight(T.Q4_K, 64, 256, seed=4)
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(5))

@@ -40,7 +40,9 @@ def quantize_q8(x: torch.Tensor) -> torch.Tensor:
     pad = -k % 32
     xb = torch.nn.functional.pad(x.float(), (0, pad)).reshape(t, -1, 32)  # (t, blocks, 32)
     amax = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    # 127 / amax as a true quotient, as the kernels and llama.cpp compute it (torch's
+    # scalar / tensor is reciprocal then multiply: an ulp off, which moves exact ties)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     q = torch.round(xb * inv).clamp(-127, 127)
     return (q * (amax / 127)).reshape(t, -1)[:, :k]
 
