@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Measures gguf-serve next to llama.cpp on this machine, now: llama-bench beside
-# scripts/bench.py (prompt 512, decode), then llama-server and gguf-serve in turn
-# under the same streaming client (scripts/bench_http.py, 1 and 8 clients).
+# scripts/bench.py (prompt 512, decode; prompts again under --gemm-dtype int8), then
+# llama-server and gguf-serve in turn under the same streaming client
+# (scripts/bench_http.py, 1 and 8 clients).
 #
 # llama.cpp is built from the source llama-cpp-python ships (pip download of its sdist),
 # outside the repository, in ~/.cache/gguf-serve/llama.cpp (the first run: ~20-30 min on
@@ -42,6 +43,8 @@ echo "== llama-bench (llama.cpp), -t $THREADS"
 "$BIN/llama-bench" -m "$MODEL" -t "$THREADS" -p 512 -n 128 -r 3
 echo "== scripts/bench.py (gguf-serve engine), --threads $THREADS $*"
 "$PY" scripts/bench.py -m "$MODEL" --threads "$THREADS" --clients "" --repeats 3 "$@"
+echo "== scripts/bench.py, prompts with --gemm-dtype int8 (llama.cpp's own prompt numerics)"
+"$PY" scripts/bench.py -m "$MODEL" --threads "$THREADS" --clients "" --repeats 3 --decode-tokens 8 "$@" --gemm-dtype int8
 
 PORT="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 serve_and_measure() {  # name, command...
