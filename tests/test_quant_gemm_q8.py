@@ -59,17 +59,6 @@ def test_prompt_rows_take_the_int8_gemm_where_it_has_a_kernel(kernels):
         assert kernels.gemm_bf16() and not kernels.gemm_q8()
 
 
-def test_schema_and_bad_input(kernels):
-    w = weight(T.Q8_0, 8, 64)
-    torch.library.opcheck(torch.ops.gguf_serve.qgemm_q8, (torch.randn(2, 64), w, int(T.Q8_0), 64))
-    with pytest.raises(RuntimeError, match="x must be"):
-        ops.qgemm_q8(torch.randn(2, 32), w, int(T.Q8_0), 64)
-    with pytest.raises(RuntimeError, match="no CPU kernel"):
-        ops.qgemm_q8(torch.randn(2, 64), w, 99, 64)
-    with pytest.raises(RuntimeError, match="do not hold"):
-        ops.qgemm_q8(torch.randn(2, 128), w, int(T.Q8_0), 128)
-
-
 def _first_steps(engine: Engine, prompts: list[list[int]]) -> list[list[tuple]]:
     """Each prompt's 3 greedy tokens with their top-5 log-probs, all prompts added at once."""
     params = SamplingParams(temperature=0.0, n_predict=3, ignore_eos=True, n_probs=5)

@@ -108,15 +108,16 @@ def test_qmatmul_q8_is_not_float32_in_disguise(kernels):
     assert 1e-4 < ((got - exact).abs().max() / scale).item() < 3e-2  # the rounding shows, at 8 bits' size
 
 
-def test_schema_and_bad_input(kernels):
-    w = weight(T.Q8_0, 8, 64)
-    torch.library.opcheck(torch.ops.gguf_serve.qmatmul_q8, (torch.randn(2, 64), w, int(T.Q8_0), 64))
+@pytest.mark.parametrize("name", ["qmatmul_q8", "qgemm_q8"])
+def test_schema_and_bad_input(kernels, name):
+    op, w = getattr(ops, name), weight(T.Q8_0, 8, 64)
+    torch.library.opcheck(getattr(torch.ops.gguf_serve, name), (torch.randn(2, 64), w, int(T.Q8_0), 64))
     with pytest.raises(RuntimeError, match="x must be"):
-        ops.qmatmul_q8(torch.randn(2, 32), w, int(T.Q8_0), 64)
+        op(torch.randn(2, 32), w, int(T.Q8_0), 64)
     with pytest.raises(RuntimeError, match="no CPU kernel"):
-        ops.qmatmul_q8(torch.randn(2, 64), w, 99, 64)
+        op(torch.randn(2, 64), w, 99, 64)
     with pytest.raises(RuntimeError, match="do not hold"):
-        ops.qmatmul_q8(torch.randn(2, 128), w, int(T.Q8_0), 128)
+        op(torch.randn(2, 128), w, int(T.Q8_0), 128)
 
 
 def test_decode_rows_come_first():

@@ -1,7 +1,7 @@
 // Prompt GEMMs in int8: y = x_hat @ W^T (qmatmul_q8's quantity), W decoded to bytes a panel at a time.
 //
 // Included once by quant_cpu.cpp inside `#pragma GCC target(... avx512vnni)`, after
-// quant_q8.h, whose decoders, Q8Act and off_shift it uses. No include guard on purpose.
+// quant_q8.h, whose decoders, quantize_x and off_shift it uses. No include guard on purpose.
 //
 // The quantity is qmatmul_q8's (reference: runtime/ops/reference.py's qmatmul_q8): x's rows
 // quantized to int8 per 32 values (q, scale dx), W's values a * (u - OFF) + b per group of
@@ -18,10 +18,13 @@
 // values, and x's 4 bytes at 4j are one broadcast word. A tile of MR = 4 rows of x holds
 // 4 x 2 int32 sums for the group at hand and 4 x 2 float32 accumulators across all of k.
 // vpdpbusd multiplies 64 byte pairs per instruction to vdpbf16ps's 32 bfloat16 pairs; with
-// the per-group conversions, 512 rows of the default model's shapes ran at 200-260 GMAC/s on
-// 2 cores to quant_gemm.h's 150-190 (4 x 2 tiles measured faster than 5 x 2, 6 x 2 and 3 x 3).
+// the per-group conversions, 512 rows of the default model's shapes ran at 215-300 GMAC/s on
+// 2 cores to quant_gemm.h's 177-205 (4 x 2 tiles measured faster than 5 x 2, 6 x 2 and 3 x 3).
 
 namespace k_gemm8 {
+
+// Values per scale group of a type's GEMM: Q6_K's scales are per 16, every other type's per 32.
+constexpr int group_size(int qtype) { return qtype == QT_Q6_K ? 16 : 32; }
 
 using namespace k_vnni;  // the decoders Q8_TYPES names, DecodeFn, off_shift
 
@@ -29,9 +32,9 @@ constexpr int NR = 32;  // W rows per panel: 2 vectors of 16 columns
 constexpr int NV = NR / 16;
 constexpr int MR = 4;   // x rows per register tile
 
-// A call's x as the tiles read it: per row kp int8 q (Q8Act's), and compact per 32-value
+// A call's x as the tiles read it: per row kp int8 q (quantize_x's), and compact per 32-value
 // block dx and dx * sum(q), per scale group of G values -sum(q) (a tile streams these for
-// every panel: Q8Act's per-lane arrays would be 8x the bytes).
+// every panel: quantize_x's per-lane arrays would be 8x the bytes).
 struct GemmX {
     const int8_t* q;
     const float* dx;    // (t, kp / 32)
@@ -40,7 +43,8 @@ struct GemmX {
     int64_t kp;
 };
 
-// A thread's decoded and packed panel. kp: k rounded up to 64 (a decoder's chunk).
+// A thread's decoded and packed panel. kp: k rounded up to 64 (a decoder's chunk). Nothing
+// needs zeroing: decode_panel writes every byte and scale the tiles read.
 struct Panel {
     std::vector<uint8_t> u;  // NR rows of kp + 64 bytes (the extra line: 16 rows read together, 16 L1 sets)
     std::vector<uint32_t> p;  // kp / 4 words of NR columns
@@ -48,7 +52,7 @@ struct Panel {
     std::vector<float> b;     // per 32-value block: NR b terms (types with one)
     std::vector<float> row_b;  // a decoder's room for one row's b terms
     void resize(int64_t kp) {
-        u.assign((size_t)(NR * (kp + 64)), 0);
+        u.resize((size_t)(NR * (kp + 64)));
         p.resize((size_t)(kp / 4 * NR));
         a.resize((size_t)(kp / 16 * NR));
         b.resize((size_t)(kp / 32 * NR));
@@ -167,25 +171,21 @@ static void panel_rows(const GemmX& x, int64_t t, int64_t k, const Panel& pn, fl
     }
 }
 
-// Values per scale group of a type's GEMM: Q6_K's scales are per 16, every other type's per 32.
-static int group_size(int qtype) { return qtype == QT_Q6_K ? 16 : 32; }
 
 // Panels [c_begin, c_end) of W (n rows) against all t rows of x (its ns per group of
 // group_size(qtype)). False for a type without a kernel.
 static bool gemm_panels(int qtype, const uint8_t* w, int64_t row_bytes, const GemmX& x, int64_t t, int64_t n,
                         int64_t k, int64_t c_begin, int64_t c_end, float* y, Panel& pn) {
     switch (qtype) {
-#define Q8_GEMM(id, off, has_b, ch, fn, pair)                                                           \
-    case id: {                                                                                        \
-        constexpr int G = id == QT_Q6_K ? 16 : 32;                                                    \
-        for (int64_t c = c_begin; c < c_end; ++c) {                                                   \
-            const int64_t c0 = c * NR;                                                                \
-            const int live = (int)std::min<int64_t>(NR, n - c0);                                      \
-            decode_panel<G, has_b, ch, fn>(w + c0 * row_bytes, row_bytes, live, k, x.kp, pn);           \
-            panel_rows<G, off, has_b>(x, t, k, pn, y + c0, n, live);                                \
-        }                                                                                             \
-        return true;                                                                                  \
-    }
+#define Q8_GEMM(id, off, has_b, ch, fn, pair)                                                              \
+    case id:                                                                                               \
+        for (int64_t c = c_begin; c < c_end; ++c) {                                                        \
+            const int64_t c0 = c * NR;                                                                     \
+            const int live = (int)std::min<int64_t>(NR, n - c0);                                           \
+            decode_panel<group_size(id), has_b, ch, fn>(w + c0 * row_bytes, row_bytes, live, k, x.kp, pn); \
+            panel_rows<group_size(id), off, has_b>(x, t, k, pn, y + c0, n, live);                          \
+        }                                                                                                  \
+        return true;
         Q8_TYPES(Q8_GEMM)
 #undef Q8_GEMM
     }
