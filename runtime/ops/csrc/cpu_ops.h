@@ -13,7 +13,6 @@ std::vector<torch::Tensor> qmatmul_q8_many(const torch::Tensor& x_in, at::Tensor
 
 // fused_cpu.cpp, norm_cpu.cpp (rms_norm)
 namespace fused {
-bool cpu_avx512();  // whether the CPU runs their AVX-512 paths
 torch::Tensor rms_norm(const torch::Tensor& x_in, const torch::Tensor& w_in, double eps);
 torch::Tensor rope(const torch::Tensor& x_in, const torch::Tensor& cos_in, const torch::Tensor& sin_in, bool neox);
 torch::Tensor gated(const torch::Tensor& gate_in, const torch::Tensor& up_in, bool gelu);
