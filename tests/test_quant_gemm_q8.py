@@ -40,7 +40,7 @@ def test_prompt_rows_take_the_int8_gemm_where_it_has_a_kernel(kernels):
     CPU and the type have its kernel; otherwise what "bfloat16" takes. The flags are restored."""
     x = torch.randn(64, 256, generator=torch.Generator().manual_seed(7))
     q5, q2 = weight(T.Q5_0, 64, 256, seed=7), weight(T.Q2_K, 64, 256, seed=7)
-    assert kernels.q8_gemm(int(T.Q5_0)) == kernels.int8_dot() and not kernels.q8_gemm(int(T.Q2_K))
+    assert kernels.int8_kernel(int(T.Q5_0)) == kernels.int8_dot() and not kernels.int8_kernel(int(T.Q2_K))
     with ops.gemm_precision("bfloat16"):
         bf16_q2 = ops.qmatmul_prompt(x, q2, int(T.Q2_K), 256)
         bf16_q5 = ops.qmatmul_prompt(x, q5, int(T.Q5_0), 256)
@@ -52,7 +52,7 @@ def test_prompt_rows_take_the_int8_gemm_where_it_has_a_kernel(kernels):
             assert torch.equal(ops.qmatmul_prompt(x, q2, int(T.Q2_K), 256), bf16_q2)
             kernels.allow_int8_dot(False)
             try:
-                assert not kernels.q8_gemm(int(T.Q5_0))
+                assert not kernels.int8_kernel(int(T.Q5_0))
                 assert torch.equal(ops.qmatmul_prompt(x, q5, int(T.Q5_0), 256), bf16_q5)
             finally:
                 kernels.allow_int8_dot(True)
@@ -85,6 +85,6 @@ def test_an_engine_with_int8_prompts(tmp_path, kernels):
     assert together == [_first_steps(int8, [p])[0] for p in prompts]
     bf16 = _first_steps(engine("bfloat16"), prompts)
     first = [(s[0][1], b[0][1]) for s, b in zip(together, bf16)]  # each prompt's first log-prob
-    if kernels.q8_gemm(int(T.Q5_0)):
+    if kernels.int8_kernel(int(T.Q5_0)):
         assert all(a != b for a, b in first)
     assert max(abs(a - b) for a, b in first) < 0.05  # rounding noise, not another model

@@ -67,7 +67,7 @@ def qmatmul_prompt(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torc
     (CPUs without them keep oneDNN's GEMM: rounded operands would gain nothing there)."""
     if x.device.type == "cpu":
         kernels = load()
-        if kernels.gemm_q8() and kernels.q8_gemm(qtype):
+        if kernels.gemm_q8() and kernels.int8_kernel(qtype):
             return qgemm_q8(x, w, qtype, k)
         if kernels.gemm_bf16() and kernels.bf16_dot():
             return qgemm_bf16(x, w, qtype, k)
@@ -166,29 +166,12 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> t
     return torch.ops.gguf_serve.rope(x, cos, sin, neox)
 
 
-def decode_layer(
-    x: torch.Tensor,
-    norms: list[torch.Tensor | None],
-    ws: list[torch.Tensor],
-    qtypes: list[int],
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: torch.Tensor,
-    blocks: torch.Tensor,
-    lo: torch.Tensor,
-    hi: torch.Tensor,
-    heads: list[int],
-    params: list[float],
-    neox: bool,
-    gelu: bool,
-) -> torch.Tensor:
-    """A transformer layer for decode rows x (B, hidden) with int8 products (reference.decode_layer
-    says what each argument is): on the CPU one op instead of ~17 dispatches, the same numbers."""
-    return torch.ops.gguf_serve.decode_layer(
-        x, norms, ws, qtypes, cos, sin, k_cache, v_cache, slots, blocks, lo, hi, heads, params, neox, gelu
-    )
+def decode_layer(*args: object) -> torch.Tensor:
+    """A transformer layer for decode rows x (B, hidden) with int8 products: on the CPU one op
+    instead of ~17 dispatches, the same numbers. The arguments are reference.decode_layer's
+    (x, norms, ws, qtypes, cos, sin, k_cache, v_cache, slots, blocks, lo, hi, heads, params,
+    neox, gelu); the schema checks their types."""
+    return torch.ops.gguf_serve.decode_layer(*args)
 
 
 __all__ = [

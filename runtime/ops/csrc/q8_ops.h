@@ -59,12 +59,23 @@ struct Q8Input {
 
 }  // namespace
 
+// Whether the AVX512-VNNI kernels (the rows' and the GEMM's) run for a type here: this
+// build, this CPU (and allow_int8_dot) and the type. Elsewhere the float32 kernels take x_hat.
+bool int8_kernel(int64_t qtype) {
+#ifdef QK_HAVE_VNNI
+    return use_int8_dot() && k_vnni::has_q8_kernel((int)qtype);
+#else
+    (void)qtype;
+    return false;
+#endif
+}
+
 // x (t, k) @ W^T with x's rows quantized to int8 per 32 values (scale amax / 127) -> (t, n)
 // float32: llama.cpp's CPU numerics for decode rows. Each row of y is the same whatever t is.
 torch::Tensor qmatmul_q8(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype, int64_t k) {
     const auto x = checked_input(x_in, w, qtype, k, torch::kFloat32);
 #ifdef QK_HAVE_VNNI
-    if (k_vnni::has_q8_kernel((int)qtype) && use_int8_dot()) {
+    if (int8_kernel(qtype)) {
         const int64_t t = x.size(0), n = w.size(0), row_bytes = w.stride(0);
         const Q8Input in(x, k);
         auto y = torch::empty({t, n}, torch::dtype(torch::kFloat32));
@@ -83,11 +94,11 @@ torch::Tensor qmatmul_q8(const torch::Tensor& x_in, const torch::Tensor& w, int6
 // qmatmul_q8's quantity through a GEMM for prompt rows: on AVX512-VNNI, panels of W decoded
 // to bytes and packed per thread (quant_gemm_q8.h); each row of y is the same whatever t is
 // (not the row kernels' bits: another order of sums). Elsewhere qmatmul_q8's row kernels, also
-// each row alone (qmatmul_prompt takes this op only where the GEMM runs: ops.q8_gemm).
+// each row alone (qmatmul_prompt takes this op only where the GEMM runs: int8_kernel).
 torch::Tensor qgemm_q8(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype, int64_t k) {
     const auto x = checked_input(x_in, w, qtype, k, torch::kFloat32);
 #ifdef QK_HAVE_VNNI
-    if (k_vnni::has_q8_kernel((int)qtype) && use_int8_dot()) {
+    if (int8_kernel(qtype)) {
         const int64_t t = x.size(0), n = w.size(0), row_bytes = w.stride(0), nr = k_gemm8::NR;
         const Q8Input in(x, k);
         const int64_t kp = in.act.kp, per = k_gemm8::group_size((int)qtype) / 4, gp = kp / 4 / per;
@@ -121,12 +132,10 @@ std::vector<torch::Tensor> qmatmul_q8_many(const torch::Tensor& x_in, at::Tensor
     TORCH_CHECK(ws.size() == qtypes.size() && !ws.empty(), "qmatmul_q8_many: one type per weight");
     std::vector<torch::Tensor> ys;
     const auto x = checked_input(x_in, ws[0], qtypes[0], k, torch::kFloat32);
-    bool fast = use_int8_dot();
+    bool fast = true;
     for (size_t i = 0; i < ws.size(); ++i) {
         checked_input(x, ws[i], qtypes[i], k, torch::kFloat32);
-#ifdef QK_HAVE_VNNI
-        fast = fast && k_vnni::has_q8_kernel((int)qtypes[i]);
-#endif
+        fast = fast && int8_kernel(qtypes[i]);
     }
 #ifdef QK_HAVE_VNNI
     if (fast) {

@@ -285,14 +285,6 @@ void set_gemm_q8(bool on) { g_gemm_q8.store(on); }
 
 bool gemm_q8() { return g_gemm_q8.load(); }
 
-bool q8_gemm(int64_t qtype) {
-#ifdef QK_HAVE_VNNI
-    return use_int8_dot() && k_vnni::has_q8_kernel((int)qtype);
-#else
-    return false;
-#endif
-}
-
 void set_num_threads(int64_t n) { kernel_threads_setting().store((int)std::max<int64_t>(0, n)); }
 
 // The schemas are defined in Python (runtime/ops/schema.py), with the plain-torch
@@ -318,6 +310,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("gemm_bf16", &gemm_bf16, "whether set_gemm_bf16 is on");
     m.def("set_gemm_q8", &set_gemm_q8, "prompt rows through qgemm_q8 where it has a kernel");
     m.def("gemm_q8", &gemm_q8, "whether set_gemm_q8 is on");
-    m.def("q8_gemm", &q8_gemm, "whether qgemm_q8 runs the AVX512-VNNI GEMM for a type on this CPU");
+    m.def("int8_kernel", &int8_kernel, "whether qmatmul_q8 and qgemm_q8 run the AVX512-VNNI kernels for a type here");
     m.def("set_num_threads", &set_num_threads, "threads for the kernels (0: torch's intra-op count)");
 }
