@@ -25,6 +25,28 @@ def greedy_cases(name: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+# A greedy run may part from llama.cpp's only where llama.cpp put our token within this many
+# nats of its own (test_reference_agreement.py says why; measured partings: <= 0.66).
+PARTING_NATS = 1.0
+
+
+def parting_gaps(outs: list[list[int]], cases: list[dict]) -> list[tuple[int, int, float]]:
+    """(case, step, gap) where each of our greedy runs first differs from llama.cpp's: gap is
+    llama.cpp's log-prob of its token minus that of ours (inf when ours is not in its top list)."""
+    out = []
+    for i, (ours, case) in enumerate(zip(outs, cases)):
+        d = next((k for k, (a, b) in enumerate(zip(ours, case["tokens"])) if a != b), None)
+        if d is None:
+            continue
+        step = dict(aligned_steps(case)).get(d)
+        if step is None:  # llama.cpp reported nothing at that token (it ends inside a character)
+            out.append((i, d, float("inf")))
+            continue
+        top = {t: lp for t, lp in step["top"]}
+        out.append((i, d, round(top[case["tokens"][d]] - top.get(ours[d], float("-inf")), 3)))
+    return out
+
+
 def aligned_steps(case: dict) -> list[tuple[int, dict]]:
     """(index into case["tokens"], step) pairs.
 

@@ -9,18 +9,18 @@ from runtime import ops
 from runtime.config import ModelConfig, RopeConfig
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_cache import KVCache
-from runtime.layers import attention
 from runtime.layers.attention import paged_attention
 from runtime.ops import reference
 
 
 @pytest.fixture(params=["reference", "compiled"])
 def impl(request, monkeypatch):
-    """Decode rows through torch's gather + SDPA, or through the fused CPU kernel."""
+    """Decode rows and prompt chunks through the plain-torch references, or through the CPU kernels."""
     if request.param == "compiled":
         ops.use_cpu_kernels()
     else:
         monkeypatch.setattr(ops, "paged_decode", reference.paged_decode)
+        monkeypatch.setattr(ops, "prompt_attention", reference.prompt_attention)
     return request.param
 
 
@@ -71,10 +71,10 @@ def test_paged_matches_dense_over_two_steps(window, softcap, impl):
 
 @pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (3, 50.0)])
 @pytest.mark.parametrize("query_block", [4, 128])
-def test_prompt_chunks_in_query_blocks_match_dense(window, softcap, query_block, monkeypatch):
+def test_prompt_chunks_in_query_blocks_match_dense(window, softcap, query_block, impl, monkeypatch):
     """Prompts prefilled in two chunks (the second attends to the first's cached keys), the
-    CPU's prompt attention taking `query_block` queries at a time over only the keys they see."""
-    monkeypatch.setattr(attention, "QUERY_BLOCK", query_block)
+    reference taking `query_block` queries at a time over only the keys they see."""
+    monkeypatch.setattr(reference, "QUERY_BLOCK", query_block)
     torch.manual_seed(1)
     H, KVH, D, bs = 6, 2, 8, 4
     cfg = ModelConfig(

@@ -5,7 +5,13 @@ import pytest
 from runtime.config import EngineConfig
 from runtime.engine import Engine
 from runtime.sampling_params import SamplingParams
-from tests.reference import greedy_cases, teacher_forced, teacher_forced_decode
+from tests.reference import (
+    PARTING_NATS,
+    greedy_cases,
+    parting_gaps,
+    teacher_forced,
+    teacher_forced_decode,
+)
 
 GREEDY = SamplingParams(temperature=0.0, n_predict=32)
 
@@ -57,14 +63,26 @@ def test_default_model_teacher_forced_through_decode_rows(default_engine, decode
 
 @pytest.mark.slow
 def test_default_model_free_running_greedy(default_engine):
-    """12 prompts generated together; at least 11 agree with llama.cpp on their first 8 tokens."""
+    """12 prompts generated together, 32 tokens each: a sequence may part from llama.cpp's only
+    at a step where llama.cpp's own log-probs put our token within PARTING_NATS of its choice,
+    and at least 8 of 12 are identical on their first 8 tokens.
+
+    Our log-probs differ from llama.cpp's by ~0.1 nats a step (top-5 error above: bfloat16
+    prompt products against its int8 ones), so any close call can go either way, and which
+    ones do is decided by rounding: 1-ulp changes of the attention scale moved the count of
+    sequences identical on 8 tokens between 8 and 12 of 12, with the same code (old prompt
+    attention 8-12, mean 10.0; the fused kernel 9-12, mean 10.25; 6-8 draws each). Where a
+    sequence parted, llama.cpp's gap was at most 0.66 nats in every draw of either. Attention
+    scaled by 1.5 in prompts (a bug) leaves 6 of 12 identical on 8 tokens."""
     cases = greedy_cases("gemma3")
     tok = default_engine.tokenizer
     outs = default_engine.generate([tok.encode(c["prompt"]) for c in cases], GREEDY)
-    agree = [out[:8] == c["tokens"][:8] for out, c in zip(outs, cases)]
+    parted = parting_gaps(outs, cases)
+    agree8 = sum(out[:8] == c["tokens"][:8] for out, c in zip(outs, cases))
     full = sum(out == c["tokens"] for out, c in zip(outs, cases))
-    print(f"gemma3-270m free-running: {sum(agree)}/12 agree on 8 tokens, {full}/12 on all 32")
-    assert sum(agree) >= 11
+    print(f"gemma3-270m free-running: {agree8}/12 agree on 8 tokens, {full}/12 on all 32; parted at (case, step, gap) {parted}")
+    assert all(gap <= PARTING_NATS for _, _, gap in parted), parted
+    assert agree8 >= 8
 
 
 def test_batch_equals_alone_llama3(llama3_engine):

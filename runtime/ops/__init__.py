@@ -161,6 +161,21 @@ def paged_decode(
     return torch.ops.gguf_serve.paged_decode(q, k_cache, v_cache, blocks, lo, hi, scale, softcap)
 
 
+def prompt_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    blocks: torch.Tensor,
+    start: int,
+    window: int,
+    scale: float,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """A prompt chunk q (n, H, D) of the sequence whose blocks (W,) hold its keys: query i is
+    key start + i and sees the keys up to its own (the last `window` when > 0) -> (n, H, Dv)."""
+    return torch.ops.gguf_serve.prompt_attention(q, k_cache, v_cache, blocks, start, window, scale, softcap)
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
     """x (T, H, D) rotated by cos/sin (T, 1, half) on its first 2 * half channels, in x's dtype."""
     return torch.ops.gguf_serve.rope(x, cos, sin, neox)
@@ -176,6 +191,6 @@ def decode_layer(*args: object) -> torch.Tensor:
 
 __all__ = [
     "GEMM_DTYPES", "KernelBuildError", "decode_layer", "dequantize", "gated", "gemm_precision", "int8_dot", "paged_decode",
-    "qgemm_bf16", "qgemm_q8", "qmatmul", "qmatmul_bf16", "qmatmul_prompt", "qmatmul_q8", "qmatmul_q8_many", "quantize_q8", "rms_norm", "rope", "set_num_threads",
+    "prompt_attention", "qgemm_bf16", "qgemm_q8", "qmatmul", "qmatmul_bf16", "qmatmul_prompt", "qmatmul_q8", "qmatmul_q8_many", "quantize_q8", "rms_norm", "rope", "set_num_threads",
     "use_cpu_kernels",
 ]  # fmt: skip

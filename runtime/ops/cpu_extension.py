@@ -18,7 +18,7 @@ from runtime.errors import GGUFServeError
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-COMPILED = ("quant_cpu.cpp", "fused_cpu.cpp", "norm_cpu.cpp", "decode_layer.cpp")  # translation units; the .h files are included
+COMPILED = ("quant_cpu.cpp", "fused_cpu.cpp", "norm_cpu.cpp", "decode_layer.cpp", "prompt_attention.cpp")  # translation units; the .h files are included
 # -ffp-contract=off: no fused multiply-adds in dequantization, so blocks match the torch
 # reference bit for bit; -fopenmp-simd: `omp simd` vectorization hints only (threads are
 # work_pool.h's, not an OpenMP runtime's).

@@ -122,6 +122,59 @@ def paged_decode(
     return o.squeeze(2)
 
 
+# Queries per block of prompt_attention: each block computes scores only for the keys its
+# queries see (up to its last query; from the window's start), which skips most of the
+# masked scores of a causal or sliding-window prompt.
+QUERY_BLOCK = 128
+
+
+def prompt_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    blocks: torch.Tensor,
+    start: int,
+    window: int,
+    scale: float,
+    softcap: float,
+) -> torch.Tensor:
+    """A prompt chunk's attention over its sequence's keys in the paged cache, in float32.
+
+    q (n, H, D); caches (num_blocks, block_size, KVH, D | Dv); blocks (W,) the sequence's
+    block ids. Query i is key start + i; it sees the keys up to its own, and only the last
+    `window` of them when window > 0 (key j visible when i - window < j <= i, as llama.cpp
+    masks) -> (n, H, Dv) in q's dtype. QUERY_BLOCK queries at a time over only the keys they see.
+    """
+    n, h, d = q.shape
+    bs, kvh, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
+    g = h // kvh
+    lo = max(0, start - window + 1) if window else 0  # the first query's first key
+    first = lo // bs
+    sel = blocks[first : -(-(start + n) // bs)]
+    kt = k_cache[sel].flatten(0, 1)[lo - first * bs : start + n - first * bs].float().permute(1, 2, 0)  # (KVH, D, S)
+    vh = v_cache[sel].flatten(0, 1)[lo - first * bs : start + n - first * bs].float().transpose(0, 1)  # (KVH, S, Dv)
+    out = torch.empty(n, h, dv, dtype=q.dtype, device=q.device)
+    for b0 in range(0, n, QUERY_BLOCK):
+        b1 = min(n, b0 + QUERY_BLOCK)
+        m = b1 - b0
+        # keys [k0, k1) of the cache: from the first query's window start to the last query's own key
+        k0, k1 = (max(0, start + b0 - window + 1) if window else 0), start + b1
+        q_idx = torch.arange(start + b0, start + b1, device=q.device)[:, None]
+        k_idx = torch.arange(k0, k1, device=q.device)[None, :]
+        seen = k_idx <= q_idx  # (m, keys)
+        if window:
+            seen &= k_idx > q_idx - window
+        # the g query heads of each KV head as one (g * m, D) matrix: one product per KV head
+        qb = q[b0:b1].float().reshape(m, kvh, g, d).permute(1, 2, 0, 3).reshape(kvh, g * m, d)
+        s = torch.bmm(qb, kt[:, :, k0 - lo : k1 - lo]) * scale  # (KVH, g * m, keys)
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        s = s.view(kvh, g, m, k1 - k0).masked_fill(~seen, float("-inf"))
+        o = torch.bmm(s.softmax(-1).view(kvh, g * m, k1 - k0), vh[:, k0 - lo : k1 - lo])  # (KVH, g * m, Dv)
+        out[b0:b1] = o.view(kvh, g, m, dv).permute(2, 0, 1, 3).reshape(m, h, dv)
+    return out
+
+
 def apply_bitmask_(logits: torch.Tensor, mask: torch.Tensor) -> None:
     """logits (rows, vocab) float32, in place: -inf where the token's bit in mask (rows, words) int32 is 0.
 

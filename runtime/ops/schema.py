@@ -46,6 +46,12 @@ LIB.define(
     "float scale, float softcap) -> Tensor"
 )
 LIB.impl("paged_decode", reference.paged_decode, "CompositeExplicitAutograd")
+# A prompt chunk's attention over its sequence's cached keys (csrc/prompt_attention.cpp).
+LIB.define(
+    "prompt_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor blocks, int start, int window, "
+    "float scale, float softcap) -> Tensor"
+)
+LIB.impl("prompt_attention", reference.prompt_attention, "CompositeExplicitAutograd")
 # A whole layer of a decode step (csrc/decode_layer.cpp: the ops above without a dispatch each).
 LIB.define(
     "decode_layer(Tensor x, Tensor?[] norms, Tensor[] ws, int[] qtypes, Tensor cos, Tensor sin, "
@@ -137,6 +143,20 @@ def _paged_decode_fake(
     blocks: torch.Tensor,
     lo: torch.Tensor,
     hi: torch.Tensor,
+    scale: float,
+    softcap: float,
+) -> torch.Tensor:
+    return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[-1]))
+
+
+@torch.library.register_fake("gguf_serve::prompt_attention")
+def _prompt_attention_fake(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    blocks: torch.Tensor,
+    start: int,
+    window: int,
     scale: float,
     softcap: float,
 ) -> torch.Tensor:

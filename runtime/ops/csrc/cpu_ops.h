@@ -19,4 +19,11 @@ torch::Tensor gated(const torch::Tensor& gate_in, const torch::Tensor& up_in, bo
 torch::Tensor paged_decode(const torch::Tensor& q_in, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                            const torch::Tensor& blocks_in, const torch::Tensor& lo_in, const torch::Tensor& hi_in,
                            double scale, double softcap);
+bool cpu_avx512();
+
+// prompt_attention.cpp
+torch::Tensor prompt_attention(const torch::Tensor& q_in, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                               const torch::Tensor& blocks_in, int64_t start, int64_t window, double scale,
+                               double softcap);
+void allow_avx512_attention(bool on);
 }  // namespace fused

@@ -13,7 +13,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "attention_row.h"
 #include "cpu_ops.h"
+#include "vec_math.h"
 #include "work_pool.h"
 
 namespace fused {
@@ -75,23 +77,6 @@ inline float act_scalar(float x, bool gelu) {
 #include <immintrin.h>
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx2,fma")
-// exp(x) to ~1 ulp for |x| <= 87: 2^n * p(r), r = x - n ln 2, p Cephes' expf polynomial.
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-87.f), _mm512_min_ps(_mm512_set1_ps(87.f), x));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
-}
-
 // y[i] = act(g[i]) * u[i] for i < n, 16 at a time.
 static void gated_avx512(const float* g, const float* u, float* y, int64_t n, bool gelu) {
     const __m512 one = _mm512_set1_ps(1.f);
@@ -203,40 +188,6 @@ torch::Tensor gated(const torch::Tensor& gate_in, const torch::Tensor& up_in, bo
         }
     });
     return y.to(gate_in.scalar_type());
-}
-
-template <typename T>
-inline float to_f(T v) {
-    return static_cast<float>(v);
-}
-
-// One (sequence, query head): softmax(q . k_j * scale) . v_j over keys j in [lo, hi) of the
-// sequence's blocks, read where they lie in the cache (no gathered copy).
-template <typename T>
-void decode_head(const float* q, const T* kc, const T* vc, const int64_t* blocks, int64_t bs, int64_t kvh,
-                 int64_t kv, int64_t d, int64_t dv, int64_t lo, int64_t hi, float scale, float softcap,
-                 float* out, std::vector<float>& s) {
-    s.resize((size_t)std::max<int64_t>(0, hi - lo));
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t j = lo; j < hi; ++j) {
-        const T* kr = kc + ((blocks[j / bs] * bs + j % bs) * kvh + kv) * d;
-        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < d; ++i) dot += q[i] * to_f(kr[i]);
-        float x = dot * scale;
-        if (softcap > 0.f) x = softcap * std::tanh(x / softcap);
-        s[(size_t)(j - lo)] = x;
-        m = std::max(m, x);
-    }
-    float total = 0.f;
-    for (int64_t j = lo; j < hi; ++j) total += (s[(size_t)(j - lo)] = std::exp(s[(size_t)(j - lo)] - m));
-    std::fill(out, out + dv, 0.f);
-    for (int64_t j = lo; j < hi; ++j) {
-        const T* vr = vc + ((blocks[j / bs] * bs + j % bs) * kvh + kv) * dv;
-        const float p = s[(size_t)(j - lo)] / total;
-#pragma omp simd
-        for (int64_t i = 0; i < dv; ++i) out[i] += p * to_f(vr[i]);
-    }
 }
 
 // q (B, H, D); caches (num_blocks, block_size, KVH, D|Dv); blocks (B, W) int64; lo/hi (B,):

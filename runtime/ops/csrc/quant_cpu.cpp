@@ -311,5 +311,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("set_gemm_q8", &set_gemm_q8, "prompt rows through qgemm_q8 where it has a kernel");
     m.def("gemm_q8", &gemm_q8, "whether set_gemm_q8 is on");
     m.def("int8_kernel", &int8_kernel, "whether qmatmul_q8 and qgemm_q8 run the AVX512-VNNI kernels for a type here");
+    m.def("allow_avx512_attention", &fused::allow_avx512_attention,
+          "let prompt_attention take its AVX-512 kernel where the CPU has it (for tests)");
     m.def("set_num_threads", &set_num_threads, "threads for the kernels (0: torch's intra-op count)");
 }
