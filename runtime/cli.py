@@ -33,7 +33,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--head-dtype", choices=HEAD_DTYPES, default="auto",
-        help="the output head's products: bfloat16 operands with float32 sums (auto: for a quantized head on the CPU) or float32",
+        help="the output head's products: bfloat16 operands with float32 sums (auto: for a quantized head on the CPU), int8 activations per 32 values (llama.cpp's numerics; faster single-stream decode for large heads) or float32",
     )  # fmt: skip
     p.add_argument(
         "--decode-dtype", choices=DECODE_DTYPES, default="auto",

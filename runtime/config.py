@@ -143,7 +143,7 @@ class Metadata:
 
 WEIGHTS = ("quant", "dense")
 GEMM_DTYPES = ("float32", "bfloat16", "int8")
-HEAD_DTYPES = ("auto", "float32", "bfloat16")
+HEAD_DTYPES = ("auto", "float32", "bfloat16", "int8")
 DECODE_DTYPES = ("auto", "float32", "int8")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -53,11 +53,13 @@ def test_quant_equals_dense_on_tiny_models(tmp_path, qtype):
     assert err < 1e-5, f"{qtype}: quant vs dense relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("head_dtype", ["bfloat16", "int8"])
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "F16"])
-def test_bfloat16_head_same_for_quant_and_dense(tmp_path, qtype):
-    """--head-dtype bfloat16 means the same product for blocks (qmatmul_bf16) and dense weights."""
+def test_rounded_head_same_for_quant_and_dense(tmp_path, qtype, head_dtype):
+    """--head-dtype bfloat16 / int8 mean the same product for blocks (qmatmul_bf16 / qmatmul_q8)
+    and dense weights, each row's logits the same bits alone as in the batch."""
     path = write_tiny_gguf(tmp_path / f"{qtype}.gguf", "llama", qtype)
-    runs = (("quant", "bfloat16"), ("dense", "bfloat16"), ("dense", "float32"))
+    runs = (("quant", head_dtype), ("dense", head_dtype), ("dense", "float32"))
     models = [Engine(EngineConfig(model_path=str(path), n_ctx=64, weights=w, head_dtype=h)).runner.model for w, h in runs]
     # The same hidden states into each head: the final-norm rows of a few decode steps. (Through
     # whole runs the layers' float32 differences would move a hidden value across a bfloat16
@@ -69,6 +71,7 @@ def test_bfloat16_head_same_for_quant_and_dense(tmp_path, qtype):
     # only the order of the float32 sums differs (measured 1.6-2.6e-7 of the largest logit)
     assert ((quant - dense).abs().max() / scale).item() < 1e-5
     assert ((dense - exact).abs().mean() / scale).item() > 1e-4  # the rounding is there
+    assert all(torch.equal(models[0].logits(x[i : i + 1])[0], quant[i]) for i in range(9))
 
 
 def test_quant_mode_keeps_the_blocks(tmp_path):

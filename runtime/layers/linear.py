@@ -35,6 +35,7 @@ class Linear:
         self.bias = bias
         self._exact = weight  # set_products("bfloat16") swaps in a rounded copy
         self.round_input = False
+        self.quantize_input = False  # set_products("int8"): every row's x quantized per 32 values
         self.decode_int8 = False  # --decode-dtype int8
 
     @property
@@ -42,8 +43,10 @@ class Linear:
         return int(self.weight.shape[0])
 
     def set_products(self, dtype: str) -> None:
-        """"bfloat16": x and W rounded to bfloat16 before the product (a rounded copy of W); "float32": exact."""
+        """"bfloat16": x and W rounded to bfloat16 before the product (a rounded copy of W);
+        "int8": x quantized to int8 per 32 values (qmatmul_q8's quantity); "float32": exact."""
         self.round_input = dtype == "bfloat16"
+        self.quantize_input = dtype == "int8"
         self.weight = self._exact.to(torch.bfloat16).to(self._exact.dtype) if self.round_input else self._exact
 
     def __call__(self, x: torch.Tensor, decode_rows: int = 0) -> torch.Tensor:
@@ -51,7 +54,9 @@ class Linear:
         quantized to int8 per 32 values first."""
         if self.round_input:
             x = x.to(torch.bfloat16).to(x.dtype)
-        if decode_rows and self.decode_int8:
+        if self.quantize_input:
+            x = ops.quantize_q8(x).to(x.dtype)
+        elif decode_rows and self.decode_int8:
             x = torch.cat([ops.quantize_q8(x[:decode_rows]).to(x.dtype), x[decode_rows:]])
         return F.linear(x, self.weight, self.bias)
 
@@ -62,16 +67,19 @@ class QuantLinear:
     qmatmul_q8 (x quantized to int8 per 32 values); the other rows through qmatmul or,
     under gemm_precision("bfloat16"), the prompt GEMM qgemm_bf16, whatever their number,
     so each row's numerics follow its kind. After set_products("bfloat16") (the output
-    head) every row takes qmatmul_bf16."""
+    head) every row takes qmatmul_bf16; after set_products("int8"), qmatmul_q8."""
 
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None) -> None:
         self.weight = weight
         self.bias = bias
         self.bf16_products = False
+        self.int8_products = False
         self.decode_int8 = False  # --decode-dtype int8
 
     def set_products(self, dtype: str) -> None:
+        """Every row's products (the output head's --head-dtype): "bfloat16", "int8", or by row kind ("float32")."""
         self.bf16_products = dtype == "bfloat16"
+        self.int8_products = dtype == "int8"
 
     @property
     def out_features(self) -> int:
@@ -83,6 +91,8 @@ class QuantLinear:
         args = (w.data, w.qtype, w.shape[1])
         if self.bf16_products:
             y = ops.qmatmul_bf16(x, *args)
+        elif self.int8_products:
+            y = ops.qmatmul_q8(x, *args)
         else:
             d, t = decode_rows, x.shape[0]
             decode = ops.qmatmul_q8 if self.decode_int8 else ops.qmatmul
@@ -103,7 +113,12 @@ class QuantLinear:
 
 def int8_on_cpu(p: Linear | QuantLinear) -> TypeGuard[QuantLinear]:
     """Whether p's decode rows take the int8 kernels: weights in blocks on the CPU, --decode-dtype int8."""
-    return isinstance(p, QuantLinear) and p.decode_int8 and not p.bf16_products and p.weight.data.device.type == "cpu"
+    return (
+        isinstance(p, QuantLinear)
+        and p.decode_int8
+        and not (p.bf16_products or p.int8_products)
+        and p.weight.data.device.type == "cpu"
+    )
 
 
 def project(x: torch.Tensor, layers: tuple[Linear | QuantLinear, ...], decode_rows: int) -> list[torch.Tensor]:

@@ -191,7 +191,7 @@ class Transformer:
         return rms_norm(x.to(self.devices.output), self.norm, c.norm_eps)
 
     def set_head_dtype(self, head_dtype: str) -> str:
-        """The output head's products (EngineConfig.head_dtype); returns "float32" or "bfloat16"."""
+        """The output head's products (EngineConfig.head_dtype); returns "float32", "bfloat16" or "int8"."""
         if head_dtype == "auto":
             quant_cpu = isinstance(self.output, QuantLinear) and self.output.weight.data.device.type == "cpu"
             head_dtype = "bfloat16" if quant_cpu else "float32"
