@@ -7,6 +7,9 @@
 // sum run down the lanes. A unit computes the scores of the keys its queries see (from its
 // first query's window start to its last query's own key), so a causal prompt costs about
 // half the products of a dense one, with scale, mask and softmax in the same pass over L2.
+// Keys go by in blocks of kKeyBlock, each block's rows of K and V read once for all the
+// unit's rows while they are in L2 (512 queries after 15,872 keys, Gemma 3's heads: 402 ->
+// 240 ms, against torch's 290-353; 512 after none: unchanged, 2.9-3.9 ms).
 // Each row's sums run in one order (over the head dim, then over the keys), whatever the
 // unit around it. CPUs without AVX-512 (and tests) run attention_row.h's decode_head per row.
 
@@ -31,6 +34,7 @@ namespace {
 std::atomic<bool> g_avx512_allowed{true};  // tests turn it off to run the fallback here
 
 constexpr int64_t kUnitRows = 64;  // query rows per unit: 64 x 256 floats of q^T stay in L1/L2
+constexpr int64_t kKeyBlock = 128;  // keys whose rows of K (or V) a unit's rows go through at once
 
 // One call's geometry: query i (of n) is key start + i and sees keys [first_key(i), start + i].
 struct Geometry {
@@ -63,6 +67,7 @@ struct Scratch {
     std::vector<float> qt, st, kf, vf, zero;  // q^T (d, RP); scores (keys + 8, RP); float rows; a zero key row
     std::vector<const float*> kp, vp;        // the unit's key and value rows, in key order
     std::vector<int32_t> lo, hi;             // per row: first and last key it sees, from the unit's first key
+    std::vector<float*> rows;                // per row: its output row (null past the unit's rows)
 };
 
 // acc[t][v] = sum_i k_t[i] * qt[i][lanes of vector v0 + v], for 8 keys and NV vectors of 16 rows.
@@ -82,14 +87,18 @@ inline void score_tile(const float* qt, int64_t rp, int64_t v0, const float* con
     }
 }
 
-// out rows r0 .. r0 + 7 (dv wide) += p[j][row] * v_j over keys [j0, j1), 32 values at a time.
+// out rows r0 .. r0 + 7 (dv wide) += p[j][row] * v_j over keys [j0, j1), 32 values at a time;
+// a row's sums continue where the last key block left them (the same order as in one go).
 inline void value_tile(const float* st, int64_t rp, int64_t r0, const float* const* v, int64_t j0, int64_t j1,
                        int64_t dv, float* const* out) {
     for (int64_t c = 0; c < dv; c += 32) {
         const int64_t w0 = std::min<int64_t>(16, dv - c), w1 = std::max<int64_t>(0, std::min<int64_t>(16, dv - c - 16));
         const __mmask16 m0 = (__mmask16)((1u << w0) - 1), m1 = (__mmask16)((1u << w1) - 1);
         __m512 acc[8][2];
-        for (int t = 0; t < 8; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+        for (int t = 0; t < 8; ++t) {
+            acc[t][0] = out[t] ? _mm512_maskz_loadu_ps(m0, out[t] + c) : _mm512_setzero_ps();
+            acc[t][1] = out[t] ? _mm512_maskz_loadu_ps(m1, out[t] + c + 16) : _mm512_setzero_ps();
+        }
         for (int64_t j = j0; j < j1; ++j) {
             const __m512 a0 = _mm512_maskz_loadu_ps(m0, v[j] + c), a1 = _mm512_maskz_loadu_ps(m1, v[j] + c + 16);
             const float* pj = st + j * rp + r0;
@@ -151,31 +160,35 @@ void unit_avx512(const Geometry& G, const float* q, const T* kc, const T* vc, in
     s.st.resize((size_t)((nk + 8) * rp));
     float* st = s.st.data();
     const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), scale = _mm512_set1_ps(G.scale);
-    // Scores of vectors v0, v0 + 1 for the keys either sees; masked to -inf outside a row's.
-    for (int64_t v0 = 0; v0 < nv; v0 += 2) {
-        const int64_t n2 = std::min<int64_t>(2, nv - v0), last = (v0 + n2) * 16 - 1;
-        const __m512i lo0 = _mm512_loadu_si512(s.lo.data() + v0 * 16), hi0 = _mm512_loadu_si512(s.hi.data() + v0 * 16);
-        const __m512i lo1 = _mm512_loadu_si512(s.lo.data() + (v0 + n2 - 1) * 16);
-        const __m512i hi1 = _mm512_loadu_si512(s.hi.data() + (v0 + n2 - 1) * 16);
-        for (int64_t j0 = s.lo[(size_t)(v0 * 16)]; j0 <= s.hi[(size_t)last]; j0 += 8) {
-            __m512 acc[8][2];
-            if (n2 == 2)
-                score_tile<2>(s.qt.data(), rp, v0, s.kp.data() + j0, d, acc);
-            else
-                score_tile<1>(s.qt.data(), rp, v0, s.kp.data() + j0, d, acc);
-            for (int t = 0; t < 8; ++t) {
-                const __m512i j = _mm512_set1_epi32((int32_t)(j0 + t));
-                for (int v = 0; v < n2; ++v) {
-                    const __m512i lo = v ? lo1 : lo0, hi = v ? hi1 : hi0;
-                    const __mmask16 seen = _mm512_cmple_epi32_mask(lo, j) & _mm512_cmple_epi32_mask(j, hi);
-                    __m512 x = _mm512_mul_ps(acc[t][v], scale);
-                    if (G.softcap > 0.f) {  // Gemma 2's cap, rare: lane by lane
-                        alignas(64) float l[16];
-                        _mm512_store_ps(l, x);
-                        for (float& e : l) e = G.softcap * std::tanh(e / G.softcap);
-                        x = _mm512_load_ps(l);
+    // Scores for the keys each pair of vectors (32 rows) sees, masked to -inf outside a row's;
+    // key blocks outside, so a block's rows of K stay in L2 for every pair.
+    for (int64_t kb = 0; kb <= s.hi[(size_t)(rp - 1)]; kb += kKeyBlock) {
+        for (int64_t v0 = 0; v0 < nv; v0 += 2) {
+            const int64_t n2 = std::min<int64_t>(2, nv - v0), last = (v0 + n2) * 16 - 1;
+            const int64_t j1 = std::min<int64_t>(kb + kKeyBlock, s.hi[(size_t)last] + 1);
+            const __m512i lo0 = _mm512_loadu_si512(s.lo.data() + v0 * 16), hi0 = _mm512_loadu_si512(s.hi.data() + v0 * 16);
+            const __m512i lo1 = _mm512_loadu_si512(s.lo.data() + (v0 + n2 - 1) * 16);
+            const __m512i hi1 = _mm512_loadu_si512(s.hi.data() + (v0 + n2 - 1) * 16);
+            for (int64_t j0 = std::max<int64_t>(kb, s.lo[(size_t)(v0 * 16)] / 8 * 8); j0 < j1; j0 += 8) {
+                __m512 acc[8][2];
+                if (n2 == 2)
+                    score_tile<2>(s.qt.data(), rp, v0, s.kp.data() + j0, d, acc);
+                else
+                    score_tile<1>(s.qt.data(), rp, v0, s.kp.data() + j0, d, acc);
+                for (int t = 0; t < 8; ++t) {
+                    const __m512i j = _mm512_set1_epi32((int32_t)(j0 + t));
+                    for (int v = 0; v < n2; ++v) {
+                        const __m512i lo = v ? lo1 : lo0, hi = v ? hi1 : hi0;
+                        const __mmask16 seen = _mm512_cmple_epi32_mask(lo, j) & _mm512_cmple_epi32_mask(j, hi);
+                        __m512 x = _mm512_mul_ps(acc[t][v], scale);
+                        if (G.softcap > 0.f) {  // Gemma 2's cap, rare: lane by lane
+                            alignas(64) float l[16];
+                            _mm512_store_ps(l, x);
+                            for (float& e : l) e = G.softcap * std::tanh(e / G.softcap);
+                            x = _mm512_load_ps(l);
+                        }
+                        _mm512_storeu_ps(st + (j0 + t) * rp + (v0 + v) * 16, _mm512_mask_blend_ps(seen, ninf, x));
                     }
-                    _mm512_storeu_ps(st + (j0 + t) * rp + (v0 + v) * 16, _mm512_mask_blend_ps(seen, ninf, x));
                 }
             }
         }
@@ -195,16 +208,21 @@ void unit_avx512(const Geometry& G, const float* q, const T* kc, const T* vc, in
         const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), sum);
         for (int64_t j = j0; j < j1; ++j) _mm512_storeu_ps(col + j * rp, _mm512_mul_ps(_mm512_loadu_ps(col + j * rp), inv));
     }
-    // Outputs, 8 rows at a time over the keys any of them sees (p is 0 past a row's own).
-    for (int64_t r0 = 0; r0 < R; r0 += 8) {
-        float* rows[8];
-        for (int64_t t = 0; t < 8; ++t) {
-            const int64_t r = r0 + t;
-            rows[t] = r < R ? out + ((q0 + r / g) * G.h + kv * g + r % g) * dv : nullptr;
-        }
-        const int64_t rl = std::min(R, r0 + 8) - 1;
-        value_tile(st, rp, r0, s.vp.data(), s.lo[(size_t)r0], s.hi[(size_t)rl] + 1, dv, rows);
+    // Outputs, 8 rows at a time over the keys any of them sees (p is 0 past a row's own), key
+    // blocks outside so that a block's rows of V stay in L2 for every row.
+    s.rows.resize((size_t)rp);
+    for (int64_t r = 0; r < rp; ++r) {
+        float* o = r < R ? out + ((q0 + r / g) * G.h + kv * g + r % g) * dv : nullptr;
+        s.rows[(size_t)r] = o;
+        if (o) std::fill(o, o + dv, 0.f);
     }
+    for (int64_t kb = 0; kb < nk; kb += kKeyBlock)
+        for (int64_t r0 = 0; r0 < R; r0 += 8) {
+            const int64_t rl = std::min(R, r0 + 8) - 1;
+            const int64_t j0 = std::max<int64_t>(kb, s.lo[(size_t)r0]);
+            const int64_t j1 = std::min<int64_t>(kb + kKeyBlock, s.hi[(size_t)rl] + 1);
+            if (j0 < j1) value_tile(st, rp, r0, s.vp.data(), j0, j1, dv, s.rows.data() + r0);
+        }
 }
 #pragma GCC pop_options
 #endif
