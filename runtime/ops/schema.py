@@ -136,30 +136,12 @@ def _rope_fake(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool
 
 
 @torch.library.register_fake("gguf_serve::paged_decode")
-def _paged_decode_fake(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    blocks: torch.Tensor,
-    lo: torch.Tensor,
-    hi: torch.Tensor,
-    scale: float,
-    softcap: float,
-) -> torch.Tensor:
+def _paged_decode_fake(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *args: object) -> torch.Tensor:
     return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[-1]))
 
 
 @torch.library.register_fake("gguf_serve::prompt_attention")
-def _prompt_attention_fake(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    blocks: torch.Tensor,
-    start: int,
-    window: int,
-    scale: float,
-    softcap: float,
-) -> torch.Tensor:
+def _prompt_attention_fake(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *args: object) -> torch.Tensor:
     return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[-1]))
 
 
