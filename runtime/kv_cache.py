@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from runtime.config import ModelConfig
+from runtime.ops.reference import cached_tokens
 
 
 class KVCache:
@@ -50,12 +51,7 @@ class KVCache:
         self, layer: int, blocks: torch.Tensor, start: int, end: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens [start, end) of a sequence whose block table is `blocks` (M,): (end-start, kvh, d)."""
-        bs = self.block_size
-        first, last = start // bs, -(-end // bs)
-        sel = blocks[first:last]
-        k = self.k[layer][sel].flatten(0, 1)[start - first * bs : end - first * bs]
-        v = self.v[layer][sel].flatten(0, 1)[start - first * bs : end - first * bs]
-        return k, v
+        return cached_tokens(self.k[layer], blocks, start, end), cached_tokens(self.v[layer], blocks, start, end)
 
     def move(
         self,

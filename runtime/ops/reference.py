@@ -122,6 +122,14 @@ def paged_decode(
     return o.squeeze(2)
 
 
+def cached_tokens(cache: torch.Tensor, blocks: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Tokens [start, end) of one layer's paged cache (num_blocks, block_size, ...) for the
+    sequence whose block ids are `blocks` (M,): a copy (end - start, ...)."""
+    bs = cache.shape[1]
+    first = start // bs
+    return cache[blocks[first : -(-end // bs)]].flatten(0, 1)[start - first * bs : end - first * bs]
+
+
 # Queries per block of prompt_attention: each block computes scores only for the keys its
 # queries see (up to its last query; from the window's start), which skips most of the
 # masked scores of a causal or sliding-window prompt.
@@ -146,13 +154,11 @@ def prompt_attention(
     masks) -> (n, H, Dv) in q's dtype. QUERY_BLOCK queries at a time over only the keys they see.
     """
     n, h, d = q.shape
-    bs, kvh, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
+    kvh, dv = k_cache.shape[2], v_cache.shape[3]
     g = h // kvh
     lo = max(0, start - window + 1) if window else 0  # the first query's first key
-    first = lo // bs
-    sel = blocks[first : -(-(start + n) // bs)]
-    kt = k_cache[sel].flatten(0, 1)[lo - first * bs : start + n - first * bs].float().permute(1, 2, 0)  # (KVH, D, S)
-    vh = v_cache[sel].flatten(0, 1)[lo - first * bs : start + n - first * bs].float().transpose(0, 1)  # (KVH, S, Dv)
+    kt = cached_tokens(k_cache, blocks, lo, start + n).float().permute(1, 2, 0)  # (KVH, D, S)
+    vh = cached_tokens(v_cache, blocks, lo, start + n).float().transpose(0, 1)  # (KVH, S, Dv)
     out = torch.empty(n, h, dv, dtype=q.dtype, device=q.device)
     for b0 in range(0, n, QUERY_BLOCK):
         b1 = min(n, b0 + QUERY_BLOCK)
